@@ -1,0 +1,1 @@
+"""grant_broker_client: the async Python SDK for grant-broker."""
