@@ -8,6 +8,7 @@ broker/v1/, the directory that is the ``grant_broker.v1`` package.
 from __future__ import annotations
 
 import pathlib
+import shutil
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
@@ -27,7 +28,8 @@ def generate_protos() -> None:
     if not protos:
         return
     staging = ROOT / "build" / "protogen"
-    staging.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     well_known = pathlib.Path(grpc_tools.__file__).parent / "_proto"
     args = [
         "grpc_tools.protoc",
@@ -40,6 +42,9 @@ def generate_protos() -> None:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed on: " + " ".join(protos))
+    # Drop what an earlier build generated, so a removed .proto leaves nothing behind.
+    for stale in PACKAGE_SOURCE.glob("v*/*_pb2*.py*"):
+        stale.unlink()
     for generated in (staging / "grant_broker").rglob("*"):
         if generated.is_file():
             dest = PACKAGE_SOURCE / generated.relative_to(staging / "grant_broker")
