@@ -1,0 +1,185 @@
+"""The session fd channel: protobuf frames and SCM_RIGHTS descriptors over SOCK_SEQPACKET.
+
+Both the broker and the SDK speak it (see ``proto/grant_broker/v1/fdchannel.proto``).
+SEQPACKET keeps message boundaries, so the descriptors of one datagram can
+never be attributed to another frame — the failure stream sockets invite.
+Every receive checks ``MSG_CTRUNC``/``MSG_TRUNC`` and that the number of
+descriptors equals what the frame announces; any mismatch is a
+:class:`ProtocolError` and the descriptors that did arrive are closed.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+
+from grant_broker.fds import OwnedFd
+from grant_broker.v1.fdchannel_pb2 import FdFrame
+
+PROTOCOL_VERSION = 1
+MAX_FDS_PER_FRAME = 32
+MAX_FRAME_BYTES = 4096
+_FD_SIZE = array.array("i").itemsize
+_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * _FD_SIZE)
+
+
+class ProtocolError(Exception):
+    """The peer broke the fd channel protocol; the channel must be closed."""
+
+
+class ChannelClosed(EOFError):
+    """The peer closed the fd channel."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """``SO_PEERCRED`` of the connected peer, as the kernel recorded it at connect()."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def _wake(waiter: "asyncio.Future[None]") -> None:
+    # The selector may report readiness again before the woken task runs.
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _announced_fds(frame: FdFrame) -> int:
+    return frame.transfer.fd_count if frame.WhichOneof("body") == "transfer" else 0
+
+
+class FdChannel:
+    """One end of an fd channel, driven by the running asyncio loop.
+
+    Sends and receives never block the loop: the socket is non-blocking and
+    waits go through the loop's reader/writer callbacks.  One task may
+    receive at a time.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        if sock.type != socket.SOCK_SEQPACKET:
+            raise ValueError("the fd channel needs a SOCK_SEQPACKET socket")
+        sock.setblocking(False)
+        self._sock = sock
+        self._receiving = False
+
+    @classmethod
+    async def connect(cls, path: str) -> "FdChannel":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, path)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self._sock.fileno() < 0
+
+    def peer_credentials(self) -> PeerCredentials:
+        raw = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", raw)
+        return PeerCredentials(pid, uid, gid)
+
+    async def send(self, frame: FdFrame, fds: Sequence[int] = ()) -> None:
+        """Send *frame* with *fds* (borrowed: the caller still owns and closes them)."""
+        if len(fds) > MAX_FDS_PER_FRAME:
+            raise ValueError(f"{len(fds)} descriptors in one frame; at most {MAX_FDS_PER_FRAME}")
+        if len(fds) != _announced_fds(frame):
+            raise ValueError(f"frame announces {_announced_fds(frame)} descriptors but {len(fds)} are attached")
+        payload = frame.SerializeToString()
+        if len(payload) > MAX_FRAME_BYTES:
+            raise ValueError(f"frame of {len(payload)} bytes exceeds {MAX_FRAME_BYTES}")
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                self._sock.sendmsg([payload], ancillary)
+                return
+            except BlockingIOError:
+                waiter = loop.create_future()
+                loop.add_writer(self._sock, _wake, waiter)
+                try:
+                    await waiter
+                finally:
+                    loop.remove_writer(self._sock)
+
+    def try_receive(self) -> tuple[FdFrame, list[OwnedFd]] | None:
+        """Receive one frame if one is queued, else ``None``; never blocks."""
+        try:
+            payload, ancillary, flags, _ = self._sock.recvmsg(MAX_FRAME_BYTES, _ANCILLARY_SPACE)
+        except BlockingIOError:
+            return None
+        fds: list[OwnedFd] = []
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received = array.array("i")
+                received.frombytes(data[: len(data) - (len(data) % _FD_SIZE)])
+                fds.extend(OwnedFd(fd) for fd in received)
+        try:
+            if not payload and not ancillary:
+                raise ChannelClosed("the peer closed the fd channel")
+            if flags & socket.MSG_CTRUNC:
+                raise ProtocolError("descriptors were truncated (MSG_CTRUNC): too many in one frame")
+            if flags & socket.MSG_TRUNC:
+                raise ProtocolError(f"frame larger than {MAX_FRAME_BYTES} bytes")
+            frame = FdFrame()
+            try:
+                frame.ParseFromString(payload)
+            except DecodeError as exc:
+                raise ProtocolError(f"undecodable frame: {exc}") from None
+            if frame.WhichOneof("body") is None:
+                raise ProtocolError("empty or unknown frame")
+            if len(fds) != _announced_fds(frame):
+                raise ProtocolError(
+                    f"frame announces {_announced_fds(frame)} descriptors but {len(fds)} arrived"
+                )
+        except BaseException:
+            for fd in fds:
+                fd.close()
+            raise
+        return frame, fds
+
+    async def receive(self) -> tuple[FdFrame, list[OwnedFd]]:
+        """Wait for the next frame.
+
+        Raises:
+            ChannelClosed: the peer closed the channel.
+            ProtocolError: the frame broke the protocol (its descriptors are closed).
+        """
+        if self._receiving:
+            raise RuntimeError("another task is already receiving on this fd channel")
+        self._receiving = True
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    received = self.try_receive()
+                except ConnectionResetError:
+                    raise ChannelClosed("the peer reset the fd channel") from None
+                if received is not None:
+                    return received
+                waiter = loop.create_future()
+                loop.add_reader(self._sock, _wake, waiter)
+                try:
+                    await waiter
+                finally:
+                    loop.remove_reader(self._sock)
+        finally:
+            self._receiving = False
+
+    def close(self) -> None:
+        self._sock.close()
