@@ -22,7 +22,7 @@ import re
 import shutil
 import subprocess
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -236,14 +236,15 @@ except Unavailable as exc:
     UNAVAILABLE = str(exc)
 
 
-def _params(items: list[tuple[str, str]]) -> list:  # type: ignore[type-arg]
+def _params(items: list[tuple[str, str]], id_of: Callable[[str], str] = str) -> list:  # type: ignore[type-arg]
     if UNAVAILABLE is not None:
         return [pytest.param(None, None, marks=pytest.mark.skip(reason=UNAVAILABLE), id="unavailable")]
-    return [pytest.param(key, name, id=f"{key}:{name}") for key, name in items]
+    return [pytest.param(key, name, id=f"{key}:{id_of(name)}") for key, name in items]
 
 
 CONSTANT_PARAMS = _params([(key, name) for key, names in CONSTANTS.items() for name in names])
-STRUCT_PARAMS = _params([(key, ctype) for key, structs in STRUCTS.items() for ctype in structs])
+STRUCT_PARAMS = _params([(key, ctype) for key, structs in STRUCTS.items() for ctype in structs],
+                        id_of=lambda ctype: ctype.split()[1])
 TYPEDEF_PARAMS = _params([(key, name) for key, names in TYPEDEFS.items() for name in names])
 
 # ---------------------------------------------------------------------------

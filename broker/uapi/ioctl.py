@@ -10,6 +10,7 @@ is the one used by x86, arm and arm64, the architectures Xen and mem-buf run on.
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import TYPE_CHECKING, TypeAlias
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "_IOC_NONE", "_IOC_WRITE", "_IOC_READ",
     "_IOC", "_IO", "_IOR", "_IOW", "_IOWR",
     "_IOC_DIR", "_IOC_TYPE", "_IOC_NR", "_IOC_SIZE",
+    "flexible",
 ]
 
 _IOC_NRBITS = 8
@@ -122,10 +124,11 @@ def _IOC_SIZE(nr: int) -> int:
 # caller really sizes to ``count`` (``refs[1]``, ``gref_ids[1]``).  The ioctl
 # number still encodes sizeof the one-element struct; only the buffer passed
 # to the kernel grows.  ``flexible`` builds a sibling ctypes type whose last
-# array holds ``count`` elements, so the layout is
-# ``sizeof(base) + (count - 1) * sizeof(element)``.
-
-_flex_cache: dict[tuple[type, int], type] = {}
+# array holds ``count`` elements: the array keeps its offset and the size is
+# ``offsetof(array) + count * sizeof(element)`` rounded up to the struct's
+# alignment.  That equals ``sizeof(base) + (count - 1) * sizeof(element)``
+# unless the one-element struct has tail padding (ioctl_gntalloc_alloc_gref
+# does: 24 bytes for 20 of fields).
 
 
 def flexible(base: type[ctypes.Structure], count: int) -> type[ctypes.Structure]:
@@ -133,8 +136,7 @@ def flexible(base: type[ctypes.Structure], count: int) -> type[ctypes.Structure]
 
     ``count`` of 0 keeps the single element (the C struct can never be
     smaller than its declaration); the ``count`` field itself is the caller's
-    to fill.  Types are cached, so repeated calls are cheap and return the
-    same class.
+    to fill.  Layouts are cached, so repeated calls return the same class.
 
     Raises:
         ValueError: ``count`` is negative.
@@ -142,18 +144,19 @@ def flexible(base: type[ctypes.Structure], count: int) -> type[ctypes.Structure]
     """
     if count < 0:
         raise ValueError(f"negative element count {count}")
-    n = max(count, 1)
-    key = (base, n)
-    cached = _flex_cache.get(key)
-    if cached is not None:
-        return cached
+    return _flexible(base, max(count, 1))
+
+
+# Bounded because counts come from clients; a few hundred layouts cover any
+# realistic working set and each is only a small class.
+@functools.lru_cache(maxsize=512)
+def _flexible(base: type[ctypes.Structure], n: int) -> type[ctypes.Structure]:
     *head, (last_name, last_type) = base._fields_
     if not (isinstance(last_type, type) and issubclass(last_type, ctypes.Array) and last_type._length_ == 1):
         raise TypeError(f"{base.__name__} does not end in a one-element array")
     fields = [*head, (last_name, last_type._type_ * n)]
-    flex = type(f"{base.__name__}_{n}", (ctypes.Structure,), {
+    return type(f"{base.__name__}_{n}", (ctypes.Structure,), {
         "_fields_": fields,
+        "__module__": base.__module__,
         "__doc__": f"{base.__name__} with {last_name}[{n}].",
     })
-    _flex_cache[key] = flex
-    return flex

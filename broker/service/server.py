@@ -1,0 +1,296 @@
+"""The broker daemon: gRPC on a Unix socket, the fd channel beside it, one event loop.
+
+``BrokerServer`` wires the pieces: the backend provider (emulated hypervisor
+or real devices), the session registry, the servicers, health checking and
+reflection.  It refuses to start over a live broker's socket, removes a stale
+one, and on shutdown turns health to NOT_SERVING, lets in-flight calls finish
+within the grace period, releases every session and removes its sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from grant_broker.backend.contract import Backend, Capabilities
+from grant_broker.errors import BrokerError
+from grant_broker.fdchannel import FdChannel
+from grant_broker.service.broker import AdminCheck, BrokerService
+from grant_broker.service.session import BackendProvider, Limits, Policy, SessionRegistry
+from grant_broker.v1 import broker_pb2, broker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+BACKEND_CHOICES = ("auto", "emulated", "xen")
+
+
+def default_socket_path() -> str:
+    """``$XDG_RUNTIME_DIR/grant-broker/broker.sock`` for a user, ``/run/grant-broker/broker.sock`` as root."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.geteuid() != 0:
+        return os.path.join(runtime, "grant-broker", "broker.sock")
+    return "/run/grant-broker/broker.sock"
+
+
+def fd_channel_path(socket_path: str) -> str:
+    return socket_path + ".fds"
+
+
+@dataclass
+class ServerConfig:
+    socket_path: str
+    backend: str = "auto"
+    socket_mode: int = 0o660
+    grace_seconds: float = 5.0
+    policy: Policy = field(default_factory=Policy)
+    limits: Limits = field(default_factory=Limits)
+    # Status shows every session; by default anyone who can open the socket may ask.
+    status_requires_admin: bool = False
+
+
+@dataclass
+class _BackendChoice:
+    provider: BackendProvider
+    capabilities: Capabilities
+    close: Callable[[], None]
+
+
+def choose_backend(kind: str) -> _BackendChoice:
+    """The real devices when present (``auto``), else the emulated hypervisor."""
+    if kind not in BACKEND_CHOICES:
+        raise ValueError(f"unknown backend {kind!r}; choose from {', '.join(BACKEND_CHOICES)}")
+    if kind == "xen" or (kind == "auto" and os.path.exists("/dev/xen/gntdev")):
+        try:
+            from grant_broker.backend.xen import XenBackend  # type: ignore[import-not-found]
+        except ImportError:
+            if kind == "xen":
+                raise BrokerError(errno.ENODEV, "choose backend", "this build has no Xen backend yet") from None
+            log.warning("/dev/xen exists but this build has no Xen backend; using the emulated hypervisor")
+        else:
+            probe = XenBackend.open()
+            capabilities = probe.capabilities
+            probe.close()
+
+            def xen_backend(domid: int | None, vmid: int | None) -> Backend:
+                backend = XenBackend.open()
+                if domid is not None and domid != backend.domid:
+                    backend.close()
+                    raise BrokerError(errno.EPERM, "open session", f"this host's broker runs in domain {backend.domid}; a session cannot act as domain {domid}")
+                return backend
+
+            return _BackendChoice(BackendProvider(xen_backend, any_domain=False), capabilities, lambda: None)
+    from grant_broker.backend.emulated import EmulatedHypervisor
+    from grant_broker.uapi.mem_buf import MEM_BUF_VMID_PRIMARY_VM
+
+    hypervisor = EmulatedHypervisor()
+
+    def emulated_backend(domid: int | None, vmid: int | None) -> Backend:
+        return hypervisor.backend(0 if domid is None else domid, vmid=MEM_BUF_VMID_PRIMARY_VM if vmid is None else vmid)
+
+    probe = hypervisor.backend(0)
+    capabilities = probe.capabilities
+    probe.close()
+    return _BackendChoice(BackendProvider(emulated_backend, any_domain=True), capabilities, hypervisor.close)
+
+
+def _prepare_socket_path(path: str) -> None:
+    """Refuse a live broker's socket; remove a stale one; create the directory."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    for candidate, kind in ((path, socket.SOCK_STREAM), (fd_channel_path(path), socket.SOCK_SEQPACKET)):
+        try:
+            mode = os.lstat(candidate).st_mode
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISSOCK(mode):
+            raise BrokerError(errno.EEXIST, "listen", f"{candidate} exists and is not a socket; not touching it")
+        probe = socket.socket(socket.AF_UNIX, kind)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(candidate)
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("removing stale socket %s", candidate)
+            os.unlink(candidate)
+        except OSError as exc:
+            raise BrokerError(exc.errno or errno.EIO, "listen", f"cannot probe {candidate}: {exc.strerror}") from None
+        else:
+            raise BrokerError(errno.EADDRINUSE, "listen", f"another broker is serving on {candidate}")
+        finally:
+            probe.close()
+
+
+class BrokerServer:
+    """One broker: start(), then wait_closed(); stop() from anywhere in the loop."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._backend: _BackendChoice | None = None
+        self._server: grpc.aio.Server | None = None
+        self._fd_listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._health = health.aio.HealthServicer()
+        self.registry: SessionRegistry | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        assert self._backend is not None
+        return self._backend.capabilities
+
+    async def start(self) -> None:
+        config = self.config
+        _prepare_socket_path(config.socket_path)
+        self._backend = choose_backend(config.backend)
+        self.registry = SessionRegistry(self._backend.provider, config.policy, config.limits)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.max_concurrent_streams", 100_000),
+            ]
+        )
+        self._add_servicers(server)
+        try:
+            server.add_insecure_port(f"unix:{config.socket_path}")
+            await server.start()
+            self._server = server
+            os.chmod(config.socket_path, config.socket_mode)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            self._fd_listener = listener
+            listener.bind(fd_channel_path(config.socket_path))
+            os.chmod(fd_channel_path(config.socket_path), config.socket_mode)
+            listener.listen(256)
+            listener.setblocking(False)
+        except BaseException:
+            await self._shutdown(grace=0)
+            raise
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_fd_channels())
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        for name in self._service_names():
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def _service_names(self) -> list[str]:
+        from grant_broker.v1 import evtchn_pb2, gntalloc_pb2, gntdev_pb2, membuf_pb2
+
+        return [
+            broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name,
+            gntdev_pb2.DESCRIPTOR.services_by_name["Gntdev"].full_name,
+            gntalloc_pb2.DESCRIPTOR.services_by_name["Gntalloc"].full_name,
+            evtchn_pb2.DESCRIPTOR.services_by_name["Evtchn"].full_name,
+            membuf_pb2.DESCRIPTOR.services_by_name["MemBuf"].full_name,
+        ]
+
+    def _add_servicers(self, server: grpc.aio.Server) -> None:
+        from grant_broker.service.evtchn import EvtchnService
+        from grant_broker.service.gntalloc import GntallocService
+        from grant_broker.service.gntdev import GntdevService
+        from grant_broker.service.membuf import MemBufService
+        from grant_broker.v1 import evtchn_pb2_grpc, gntalloc_pb2_grpc, gntdev_pb2_grpc, membuf_pb2_grpc
+
+        registry = self.registry
+        assert registry is not None and self._backend is not None
+        admin = AdminCheck(registry, self.config.status_requires_admin)
+        broker_pb2_grpc.add_BrokerServicer_to_server(BrokerService(registry, self._backend.capabilities, admin), server)
+        gntdev_pb2_grpc.add_GntdevServicer_to_server(GntdevService(registry), server)
+        gntalloc_pb2_grpc.add_GntallocServicer_to_server(GntallocService(registry), server)
+        evtchn_pb2_grpc.add_EvtchnServicer_to_server(EvtchnService(registry), server)
+        membuf_pb2_grpc.add_MemBufServicer_to_server(MemBufService(registry), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [*self._service_names(), health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+
+    async def _accept_fd_channels(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._fd_listener is not None and self.registry is not None
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._fd_listener)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    # Out of descriptors: back off instead of spinning; the
+                    # pending client waits in the backlog.
+                    log.error("cannot accept an fd channel: %s", exc.strerror)
+                    await asyncio.sleep(0.1)
+                    continue
+                raise
+            self.registry.accept(FdChannel(conn))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING, drain calls within *grace*, release sessions."""
+        await self._shutdown(self.config.grace_seconds if grace is None else grace)
+
+    async def _shutdown(self, grace: float) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        with contextlib.suppress(Exception):
+            await self._health.enter_graceful_shutdown()
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+        if self._fd_listener is not None:
+            self._fd_listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(fd_channel_path(self.config.socket_path))
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self.registry is not None:
+            await self.registry.close()
+        if self._backend is not None:
+            self._backend.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.config.socket_path)
+
+    async def wait_closed(self) -> None:
+        await self._stopped.wait()
+
+    async def __aenter__(self) -> "BrokerServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop(grace=0)
+
+
+async def serve(config: ServerConfig, ready: Callable[[BrokerServer], None] | None = None) -> None:
+    """Run a broker until SIGTERM/SIGINT: the first drains gracefully, a second exits at once."""
+    server = BrokerServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stopping: asyncio.Task[None] | None = None
+
+    def on_signal(signum: int) -> None:
+        nonlocal stopping
+        if stopping is None:
+            log.info("%s: shutting down (grace %.1fs); send it again to exit at once", signal.Signals(signum).name, config.grace_seconds)
+            stopping = loop.create_task(server.stop())
+        else:
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            stopping.cancel()
+            loop.create_task(server._shutdown(grace=0))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        if ready is not None:
+            ready(server)
+        await server.wait_closed()
+        if stopping is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await stopping
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await server._shutdown(grace=0)

@@ -1,0 +1,101 @@
+"""Brokers for the service tests: in this process, or as a real daemon process.
+
+``broker`` runs a BrokerServer on the emulated backend in the test's own event
+loop, listening on a real Unix socket in a temporary directory: clients talk
+to it through real sockets, and the test can look at the broker's state (its
+``registry``) and this process's descriptor count.  ``broker_process`` runs
+``grant-broker serve`` as a separate process, for behaviour that crosses
+process boundaries (signals, crashes, fd passing between processes).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from grant_broker.service.server import BrokerServer, ServerConfig
+from grant_broker.service.session import Limits
+
+
+@dataclass
+class InProcessBroker:
+    socket_path: str
+    server: BrokerServer
+
+    @property
+    def registry(self):  # type: ignore[no-untyped-def]
+        assert self.server.registry is not None
+        return self.server.registry
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    # Unix socket paths are limited to 108 bytes: pytest's tmp_path can be longer.
+    with tempfile.TemporaryDirectory(prefix="gb-") as directory:
+        yield Path(directory)
+
+
+@pytest.fixture
+def broker_limits() -> Limits:
+    """Override in a test module to run the broker with other limits."""
+    return Limits()
+
+
+@pytest.fixture
+async def broker(short_tmp: Path, broker_limits: Limits) -> AsyncIterator[InProcessBroker]:
+    config = ServerConfig(socket_path=str(short_tmp / "broker.sock"), backend="emulated", grace_seconds=0, limits=broker_limits)
+    async with BrokerServer(config) as server:
+        yield InProcessBroker(config.socket_path, server)
+
+
+@dataclass
+class BrokerProcess:
+    socket_path: str
+    process: subprocess.Popen[str]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+
+def start_broker_process(socket_path: str, *extra: str) -> BrokerProcess:
+    """Start ``grant-broker serve`` and wait until both of its sockets exist."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "grant_broker.cli", "--socket", socket_path, "serve", "--backend", "emulated", "--grace", "1", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not (os.path.exists(socket_path) and os.path.exists(socket_path + ".fds")):
+        if process.poll() is not None:
+            raise RuntimeError(f"broker exited with {process.returncode}: {process.stdout.read() if process.stdout else ''}")
+        if time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            raise RuntimeError("broker did not start within 30 s")
+        time.sleep(0.02)
+    return BrokerProcess(socket_path, process)
+
+
+@pytest.fixture
+def broker_process(short_tmp: Path) -> Iterator[BrokerProcess]:
+    broker = start_broker_process(str(short_tmp / "broker.sock"))
+    try:
+        yield broker
+    finally:
+        if broker.process.poll() is None:
+            broker.process.kill()
+        broker.process.wait(10)
+        if broker.process.stdout:
+            broker.process.stdout.close()
