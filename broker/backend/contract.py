@@ -202,13 +202,15 @@ class GntdevInstance(_Closeable):
 
     @abc.abstractmethod
     def unmap_grant_ref(self, index: int, count: int) -> None:
-        """Drop the mapping at *index*, which must have exactly *count* grants.
+        """Drop the mapping at *index*, which must have exactly *count* grants
+        (0 matches any size, as in Linux's ``gntdev_find_map_index``).
 
         Its unmap notification fires now unless the memory is still mapped in
         this process (then it fires at the last munmap).
 
         Raises:
-            EINVAL: no mapping starts at *index* or its size is not *count*.
+            ENOENT: no mapping starts at *index* or its size is not *count*
+                (``gntdev_ioctl_unmap_grant_ref``).
         """
 
     @abc.abstractmethod
@@ -221,9 +223,13 @@ class GntdevInstance(_Closeable):
         Linux.  Spans may be passed to other processes.
 
         Raises:
-            EINVAL: no mapping at *index* with *count* grants; a ref not granted
-                to this domain; an unknown domain; *writable* on a read-only
-                grant.  The detail names the ref and domain.
+            EINVAL: no mapping at *index* with *count* grants; *writable* on a
+                mapping an earlier call made read-only; a ref not granted to
+                this domain; an unknown domain; *writable* on a read-only
+                grant.  For a refused grant the detail names the ref and
+                domain, and ``gntst`` carries Xen's status when the backend
+                learns it (``GNTST_bad_domain``, ``GNTST_bad_gntref``,
+                ``GNTST_general_error``; Linux's mmap reports only EINVAL).
         """
 
     @abc.abstractmethod
@@ -252,7 +258,8 @@ class GntdevInstance(_Closeable):
         *port*).  One notification per mapping; a later call replaces it.
 
         Raises:
-            EINVAL: *offset* in no mapping; CLEAR_BYTE on a mapping made
+            ENOENT: *offset* in no mapping (``gntdev_ioctl_notify``).
+            EINVAL: unknown *action* bits; CLEAR_BYTE on a mapping made
                 read-only; SEND_EVENT with a port not bound in this domain.
         """
 
@@ -268,6 +275,7 @@ class GntdevInstance(_Closeable):
             EINVAL: a malformed segment (both sides local, a foreign side that
                 crosses its page, a local side outside its buffer), before
                 anything is copied.
+            EFAULT: a local destination buffer is read-only.
         """
 
     @abc.abstractmethod
@@ -283,8 +291,14 @@ class GntdevInstance(_Closeable):
     def dmabuf_export_wait_released(self, fd: int, timeout_ms: int) -> None:
         """Wait until the dma-buf exported as *fd* by this instance is released.
 
+        *fd* is the number :meth:`dmabuf_export_from_refs` returned; it need
+        not be open any more.  Released means no descriptor and no mmap of
+        the buffer is left, in any process.
+
         Raises:
-            ENOENT: *fd* is not a dma-buf exported by this instance.
+            ENOENT: no live dma-buf was exported by this instance as *fd* —
+                never, or already released (Linux forgets a buffer once it is
+                released, so after an export ENOENT means "released").
             ETIMEDOUT: still in use after *timeout_ms* (0 polls once).
         """
 
@@ -306,6 +320,7 @@ class GntdevInstance(_Closeable):
 
         Raises:
             ENOENT: *fd* was not imported by this instance.
+            EBADF: *fd* is not open.
         """
 
 
@@ -330,13 +345,15 @@ class GntallocInstance(_Closeable):
 
     @abc.abstractmethod
     def dealloc_gref(self, index: int, count: int) -> None:
-        """End the grants of the allocation at *index*.
+        """End the grants of the *count* pages at *index* (consecutive pages,
+        possibly of several allocations, as Linux's ``find_grefs``).
 
-        As on Linux, pages a remote domain still maps stay alive until it
-        unmaps them; their refs are no longer mappable afterwards.
+        Their unmap notifications fire now.  As on Linux, pages a remote
+        domain still maps stay alive, and their grants valid, until it unmaps
+        them; then the grants end and the refs are no longer mappable.
 
         Raises:
-            EINVAL: no allocation of *count* pages at *index*.
+            EINVAL: no *count* allocated pages at *index*.
         """
 
     @abc.abstractmethod
@@ -345,15 +362,16 @@ class GntallocInstance(_Closeable):
         *offset* goes away (``ioctl_gntalloc_unmap_notify``).
 
         Raises:
-            EINVAL: *offset* in no allocation; SEND_EVENT with an unbound port.
+            ENOENT: *offset* in no allocated page (``gntalloc_ioctl_unmap_notify``).
+            EINVAL: unknown *action* bits; SEND_EVENT with an unbound port.
         """
 
     @abc.abstractmethod
     def memory_spans(self, index: int, count: int) -> list[MemorySpan]:
-        """The allocation's own pages, writable, as spans.
+        """The *count* allocated pages at *index*, writable, as spans.
 
         Raises:
-            EINVAL: no allocation of *count* pages at *index*.
+            ENOENT: no *count* allocated pages at *index* (``gntalloc_mmap``).
         """
 
 
@@ -365,51 +383,80 @@ class EvtchnHandle(_Closeable):
 
     :meth:`fileno` becomes readable when a port fires; :meth:`read_pending`
     then returns it.  A fired port stays masked until :meth:`unmask`, so
-    repeated notifications coalesce into one.
+    repeated notifications coalesce into one; a port notified while masked
+    fires once more when unmasked (Xen keeps its pending bit).
+
+    Ports are per-domain numbers; 0 is never a port.  The handle owns the
+    ports bound through it: another handle, even of the same domain, gets
+    ``ENOTCONN`` for them.  Like any open file the handle lives until the last
+    copy of :meth:`fileno` is closed (it may be passed to another process);
+    then every port it bound is closed, and the remote end of each
+    interdomain channel becomes unbound, offered again to this domain.
     """
 
     @abc.abstractmethod
     def fileno(self) -> int:
-        """Non-blocking descriptor, readable while ports are pending."""
+        """Non-blocking descriptor, readable while ports are pending.
+
+        Reading it gives the fired ports as native ``uint32`` values, as
+        ``read(2)`` of ``/dev/xen/evtchn`` does.
+        """
 
     @abc.abstractmethod
     def bind_unbound_port(self, remote_domain: int) -> int:
         """Allocate a local port that *remote_domain* may bind to.
 
+        Xen does not check that *remote_domain* exists (``evtchn_alloc_unbound``
+        looks up only the local domain): a port offered to a missing domain is
+        allocated and simply never connects.
+
         Raises:
-            ESRCH / EINVAL: unknown domain.
+            EACCES: the handle is restricted (:meth:`restrict_domid`).
+            EINVAL: *remote_domain* is not a ``domid_t``.
+            ENOSPC: the domain has no free port.
         """
 
     @abc.abstractmethod
     def bind_interdomain(self, remote_domain: int, remote_port: int) -> int:
         """Connect to *remote_port* of *remote_domain*; return the local port.
 
-        The new local port is pending once right away (as Xen makes it).
+        The new local port is pending once right away (Xen sets it so that
+        nothing sent to the unbound port is lost): consume and unmask it.
 
         Raises:
+            EACCES: the handle is restricted to another domain.
             EINVAL: the remote port is not unbound-for-this-domain.
             ESRCH: unknown domain.
         """
 
     @abc.abstractmethod
     def bind_virq(self, virq: int) -> int:
-        """Bind a virtual IRQ; return the local port.
+        """Bind a virtual IRQ (on vcpu 0, as Linux does); return the local port.
 
         Raises:
-            EINVAL: bad VIRQ.  EEXIST: already bound.
+            EACCES: the handle is restricted.
+            EINVAL: *virq* is not below ``NR_VIRQS`` (24).
+            EEXIST: already bound in this domain (by any handle, or by the
+                kernel itself on a real host).
         """
 
     @abc.abstractmethod
     def unbind(self, port: int) -> None:
-        """Close *port* (the remote end becomes unbound).
+        """Close *port*; the remote end becomes unbound, offered again to this domain.
+
+        A port that already fired stays in the queue :meth:`read_pending` reads.
 
         Raises:
             ENOTCONN: *port* not bound by this handle.
+            EINVAL: *port* beyond the hypervisor's number of channels.
         """
 
     @abc.abstractmethod
     def notify(self, port: int) -> None:
         """Signal the remote end of *port*.
+
+        Notifying a port whose remote end closed (it is unbound again), or a
+        VIRQ port, succeeds and does nothing, as on Xen.
 
         Raises:
             ENOTCONN: *port* not bound by this handle.
@@ -417,26 +464,53 @@ class EvtchnHandle(_Closeable):
 
     @abc.abstractmethod
     def read_pending(self, max_ports: int = 256) -> list[int]:
-        """Fired ports, without blocking; ``[]`` when none are pending."""
+        """Fired ports, without blocking; ``[]`` when none are pending.
+
+        At most ``max_ports``, and at most a page's worth (``PAGE_SIZE // 4``) per call.
+
+        Raises:
+            EFBIG: the handle's queue overflowed; :meth:`reset` it.
+        """
 
     @abc.abstractmethod
     def unmask(self, port: int) -> None:
-        """Let *port* fire again.  Unknown ports are ignored, as by Linux."""
+        """Let *port* fire again; if it was notified while masked it fires now.
+        Ports this handle did not bind are ignored, as by Linux."""
 
     @abc.abstractmethod
     def restrict_domid(self, domid: int) -> None:
-        """Only allow binds to *domid* from now on (``IOCTL_EVTCHN_RESTRICT_DOMID``)."""
+        """Confine the handle to *domid* for good (``IOCTL_EVTCHN_RESTRICT_DOMID``).
+
+        Afterwards :meth:`bind_interdomain` to other domains, and every
+        :meth:`bind_unbound_port` and :meth:`bind_virq`, fail with ``EACCES``;
+        ports bound before keep working.
+
+        Raises:
+            EINVAL: *domid* is 0 or not below ``DOMID_FIRST_RESERVED``.
+            EACCES: already restricted.
+        """
 
     @abc.abstractmethod
     def reset(self) -> None:
-        """Clear pending and masked state of this handle (``IOCTL_EVTCHN_RESET``)."""
+        """Empty the queue of fired ports and clear an overflow (``IOCTL_EVTCHN_RESET``).
+
+        Ports that fired stay masked: unmask them to hear from them again.
+        """
 
 
 # --------------------------------------------------------------------------- mem-buf
 
 
 class MemBufDevice(_Closeable):
-    """The Qualcomm mem-buf device: memory moved and shared between VMs as memparcels."""
+    """The Qualcomm mem-buf device: memory moved and shared between VMs as memparcels.
+
+    ACL rules for every operation (``EINVAL``, the detail naming the entry):
+    1..16 entries (``MEM_BUF_MAX_NR_ACL_ENTS``), VMIDs ``MEM_BUF_VMID_PRIMARY_VM``
+    or ``MEM_BUF_VMID_TRUSTED_VM``, perms non-zero and within
+    ``MEM_BUF_PERM_VALID_FLAGS``.  The driver itself lets zero perms through
+    to the resource manager; backends refuse them.  Descriptors handed out
+    (export, import, alloc) outlive the device.
+    """
 
     @property
     @abc.abstractmethod
@@ -457,17 +531,26 @@ class MemBufDevice(_Closeable):
         """Allocate *size* bytes from another VM into this one; return the mem-buf fd
         (closing it returns the memory).
 
+        The driver rounds sizes up to its hotplug alignment; backends refuse
+        sizes that are not page multiples instead, so nobody gets silently
+        more than asked.
+
         Raises:
-            EINVAL: size 0 or not page aligned, bad ACL (1..16 entries, known
-                VMIDs, perms within R|W|X), bad memory types.
+            EINVAL: size 0 or not page aligned, bad ACL, memory types not
+                below ``MEM_BUF_MAX_MEM_TYPE``.
         """
 
     @abc.abstractmethod
     def export(self, dma_buf_fd: int, acl: Sequence[AclEntry]) -> MemparcelExport:
         """Share dma-buf *dma_buf_fd* with the VMs of *acl* as a memparcel.
 
+        The memparcel lives while ``export_fd`` is open somewhere: closing the
+        last copy of it revokes the memory from the other VMs.
+
         Raises:
-            EINVAL: bad ACL, not an exportable dma-buf.
+            EINVAL: bad ACL (the entry count is checked before *dma_buf_fd*,
+                the entries after), not an exportable dma-buf (real mem-buf:
+                cached, non-secure, not yet mmapped), already exported.
             EBADF: *dma_buf_fd* is not open.
         """
 
@@ -475,9 +558,14 @@ class MemBufDevice(_Closeable):
     def import_memparcel(self, memparcel_hdl: int, acl: Sequence[AclEntry]) -> OwnedFd:
         """Import memparcel *memparcel_hdl* as a dma-buf fd (close it to release).
 
+        The resource manager accepts the memparcel only with exactly its ACL
+        (the same set of VMID/perms pairs, in any order) and only for a VM in
+        it; it answers a bad or released handle the same way, which
+        ``gh_rm_remap_error`` turns into ``EINVAL``.
+
         Raises:
-            EINVAL: bad ACL, or an ACL that does not match the export.
-            ENOENT: no such memparcel (never exported, or its export fd closed).
+            EINVAL: bad ACL; an ACL other than the export's; this VM not in
+                it; no such memparcel (never exported, or its export fd closed).
         """
 
 

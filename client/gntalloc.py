@@ -1,0 +1,150 @@
+"""Sharing this domain's pages with another domain: ``session.gntalloc``.
+
+>>> async def offer_page(session, peer: int) -> None:              # doctest: +SKIP
+...     async with await session.gntalloc.share(peer, 1) as pages:
+...         pages.view[:5] = b"hello"
+...         tell_peer(pages.refs)          # e.g. through xenstore
+...         await peer_done()
+...     # leaving the block ends the grants
+
+The pages are zeroed when allocated and always writable here; *writable*
+says whether the other domain may write.  When the session ends — also when
+this process dies — the grants end and the unmap notifications fire.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+import grpc
+
+from grant_broker.memory import SharedMemory
+from grant_broker.uapi.gntalloc import GNTALLOC_FLAG_WRITABLE, UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
+from grant_broker.v1 import gntalloc_pb2, gntalloc_pb2_grpc
+from grant_broker_client.errors import BrokerClientError
+from grant_broker_client.memory import map_received, receive_spans
+
+if TYPE_CHECKING:
+    from grant_broker_client.session import Session
+
+__all__ = ["UNMAP_NOTIFY_CLEAR_BYTE", "UNMAP_NOTIFY_SEND_EVENT", "GntallocClient", "SharedPages"]
+
+
+class SharedPages:
+    """Pages of this domain granted to :attr:`domid`; ``refs[i]`` grants page ``i`` of :attr:`view`.
+
+    ``await pages.aclose()`` (or ``async with``) unmaps here and ends the
+    grants.  Slices of :attr:`view` must be released first.
+    """
+
+    def __init__(
+        self, client: "GntallocClient", index: int, domid: int, refs: tuple[int, ...], writable: bool, memory: SharedMemory
+    ) -> None:
+        self._client = client
+        self.index = index
+        """The allocation's index (byte offset) in the session's gntalloc space."""
+        self.domid = domid
+        self.refs = refs
+        self.writable = writable
+        """Whether :attr:`domid` may write (this side always can)."""
+        self._memory = memory
+        self._closed = False
+
+    @property
+    def view(self) -> memoryview:
+        return self._memory.view
+
+    @property
+    def count(self) -> int:
+        return len(self.refs)
+
+    @property
+    def length(self) -> int:
+        return self._memory.length
+
+    @property
+    def address(self) -> int:
+        return self._memory.address
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def set_unmap_notify(self, offset: int, action: int, port: int = 0) -> None:
+        """Arm what happens when these pages go away on this side (also when this
+        process dies): ``UNMAP_NOTIFY_CLEAR_BYTE`` zeroes byte *offset*,
+        ``UNMAP_NOTIFY_SEND_EVENT`` signals *port* (bound by this session)."""
+        if not 0 <= offset < self.length:
+            raise BrokerClientError(
+                errno.EINVAL, "gntalloc set unmap notify", f"offset {offset} is outside the {self.length} shared bytes",
+                code=grpc.StatusCode.INVALID_ARGUMENT,
+            )
+        await self._client.set_unmap_notify(self.index + offset, action, port)
+
+    async def aclose(self) -> None:
+        """Unmap here and end the grants.  Idempotent.
+
+        Raises:
+            BufferError: slices of :attr:`view` are still alive; nothing is done.
+        """
+        if self._closed:
+            return
+        self._memory.close()
+        self._closed = True
+        if not self._client._session.closed:
+            await self._client.dealloc_gref(self.index, self.count)
+
+    close = aclose
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<SharedPages index={self.index} to domain {self.domid} refs={list(self.refs)}{' closed' if self._closed else ''}>"
+
+
+class GntallocClient:
+    """``/dev/xen/gntalloc`` through the broker.  Use ``session.gntalloc``."""
+
+    def __init__(self, session: "Session") -> None:
+        self._session = session
+        self._stub = gntalloc_pb2_grpc.GntallocStub(session.grpc_channel)
+
+    async def share(self, domid: int, count: int, *, writable: bool = True) -> SharedPages:
+        """Allocate *count* zeroed pages, grant each to *domid*, and map them here.
+
+        >>> pages = await session.gntalloc.share(2, 4)       # doctest: +SKIP
+        >>> pages.refs                                      # doctest: +SKIP
+        (8, 9, 10, 11)
+        """
+        response = await self._session.call(
+            self._stub.AllocGref,
+            gntalloc_pb2.AllocGrefRequest(domid=domid, flags=GNTALLOC_FLAG_WRITABLE if writable else 0, count=count),
+        )
+        try:
+            spans = await receive_spans(self._session, "gntalloc alloc gref", response.fd_transfer, response.spans)
+            memory = map_received(spans, writable=True)
+        except BaseException:
+            with contextlib.suppress(BrokerClientError):
+                await self.dealloc_gref(response.index, len(response.gref_ids))
+            raise
+        return SharedPages(self, response.index, domid, tuple(response.gref_ids), writable, memory)
+
+    async def dealloc_gref(self, index: int, count: int) -> None:
+        """``IOCTL_GNTALLOC_DEALLOC_GREF`` (prefer :meth:`SharedPages.aclose`)."""
+        await self._session.call(self._stub.DeallocGref, gntalloc_pb2.DeallocGrefRequest(index=index, count=count))
+
+    async def set_unmap_notify(self, index: int, action: int, port: int = 0) -> None:
+        """``IOCTL_GNTALLOC_SET_UNMAP_NOTIFY`` at byte *index* of the session's gntalloc space."""
+        await self._session.call(
+            self._stub.SetUnmapNotify,
+            gntalloc_pb2.GntallocUnmapNotifyRequest(index=index, action=action, event_channel_port=port),
+        )

@@ -1,0 +1,505 @@
+"""EventFanout without gRPC: one reader of a real evtchn handle, many subscribers.
+
+The handles come from the emulated hypervisor: real non-blocking pipes that
+carry native uint32 port numbers, with Xen's masking and pending-bit rules,
+so "the port fired" below is a real readable descriptor and a real read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import gc
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from grant_broker.backend.contract import EvtchnHandle
+from grant_broker.errors import BrokerError
+from grant_broker.service.events import (
+    DEFAULT_QUEUE_SIZE,
+    EventFanout,
+    FanoutClosed,
+    Fired,
+    Lost,
+    Subscription,
+)
+
+TIMEOUT = 5.0
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+class _Hypervisor:
+    """The part of the emulated hypervisor an event-channel hub needs."""
+
+    def __init__(self) -> None:
+        from grant_broker.backend.emulated.evtchn import EventChannelHub
+
+        self.events = EventChannelHub(self)
+
+    def domain_exists(self, domid: int) -> bool:
+        return domid in (1, 2)
+
+
+@dataclass
+class Channel:
+    """An interdomain channel: domain 1's *local* handle receives on *port*;
+    domain 2's *peer* handle sends on *peer_port*."""
+
+    local: EvtchnHandle
+    peer: EvtchnHandle
+    port: int
+    peer_port: int
+
+    def fire(self) -> None:
+        self.peer.notify(self.peer_port)
+
+
+def _drain_initial(handle: EvtchnHandle, port: int) -> None:
+    # BIND_INTERDOMAIN leaves the new port pending once (Xen does that so that
+    # nothing sent before the bind is lost): drain it so tests count only
+    # their own notifications.
+    assert handle.read_pending() == [port]
+    handle.unmask(port)
+
+
+def _connect(local: EvtchnHandle, peer: EvtchnHandle) -> Channel:
+    peer_port = peer.bind_unbound_port(1)
+    port = local.bind_interdomain(2, peer_port)
+    return Channel(local, peer, port, peer_port)
+
+
+@pytest.fixture
+def hypervisor(fd_baseline: None) -> Iterator[_Hypervisor]:
+    hv = _Hypervisor()
+    try:
+        yield hv
+    finally:
+        hv.events.close()
+
+
+@pytest.fixture
+def handles(hypervisor: _Hypervisor) -> Iterator[tuple[EvtchnHandle, EvtchnHandle]]:
+    from grant_broker.backend.emulated.evtchn import EmulatedEvtchnHandle
+
+    with EmulatedEvtchnHandle(hypervisor, 1) as local, EmulatedEvtchnHandle(hypervisor, 2) as peer:
+        yield local, peer
+
+
+@pytest.fixture
+def channel(handles: tuple[EvtchnHandle, EvtchnHandle]) -> Channel:
+    chan = _connect(*handles)
+    _drain_initial(chan.local, chan.port)
+    return chan
+
+
+@pytest.fixture
+async def fanout(handles: tuple[EvtchnHandle, EvtchnHandle]) -> AsyncIterator[EventFanout]:
+    fan = EventFanout(handles[0], name="test")
+    try:
+        yield fan
+    finally:
+        fan.close()
+
+
+async def next_event(subscription: Subscription) -> Fired | Lost:
+    return await asyncio.wait_for(anext(subscription), TIMEOUT)
+
+
+async def settle() -> None:
+    """Let the loop run the fan-out's reader for what was just sent."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def _reader_registered(fd: int) -> bool:
+    loop = asyncio.get_running_loop()
+    selector = getattr(loop, "_selector", None)
+    if selector is None:
+        pytest.skip("the loop does not expose its selector")
+    try:
+        key = selector.get_key(fd)
+    except KeyError:
+        return False
+    return bool(key.events & 1)  # EVENT_READ
+
+
+# --------------------------------------------------------------------------- delivery
+
+
+async def test_fired_port_reaches_subscriber_and_auto_unmask_rearms(channel: Channel, fanout: EventFanout) -> None:
+    with fanout.subscribe() as subscription:
+        channel.fire()
+        assert await next_event(subscription) == Fired(channel.port)
+        # Auto-unmask: the port was unmasked once queued, so it fires again.
+        channel.fire()
+        assert await next_event(subscription) == Fired(channel.port)
+        await settle()
+        assert subscription.get_nowait() is None
+
+
+async def test_without_auto_unmask_notifications_coalesce_until_unmask(channel: Channel, fanout: EventFanout) -> None:
+    with fanout.subscribe(auto_unmask=False) as subscription:
+        channel.fire()
+        assert await next_event(subscription) == Fired(channel.port)
+        for _ in range(5):
+            channel.fire()  # masked: Xen keeps one pending bit
+        await settle()
+        assert subscription.get_nowait() is None
+        channel.local.unmask(channel.port)  # the pending bit is delivered now, once
+        assert await next_event(subscription) == Fired(channel.port)
+        await settle()
+        assert subscription.get_nowait() is None
+
+
+async def test_ports_filter(handles: tuple[EvtchnHandle, EvtchnHandle], fanout: EventFanout) -> None:
+    a = _connect(*handles)
+    b = _connect(*handles)
+    await settle()
+    assert fanout.pending_ports == (a.port, b.port)
+    with fanout.subscribe(ports=[a.port]) as only_a, fanout.subscribe() as everything:
+        # The binds' initial events were pending before anyone subscribed: the
+        # first subscription covering them took them, once.
+        assert await next_event(only_a) == Fired(a.port)
+        assert await next_event(everything) == Fired(b.port)
+        b.fire()
+        a.fire()
+        assert await next_event(everything) == Fired(b.port)
+        assert await next_event(everything) == Fired(a.port)
+        assert await next_event(only_a) == Fired(a.port)
+        await settle()
+        assert only_a.get_nowait() is None
+
+
+async def test_fired_before_subscribe_is_pending_once_for_the_next_subscriber(
+    channel: Channel, fanout: EventFanout
+) -> None:
+    channel.fire()
+    await settle()
+    assert fanout.pending_ports == (channel.port,)
+    # Nobody listened: the port stays masked, so more notifications coalesce.
+    channel.fire()
+    channel.fire()
+    await settle()
+    assert fanout.events_read == 1
+    with fanout.subscribe() as first:
+        assert fanout.pending_ports == ()
+        assert await next_event(first) == Fired(channel.port)
+        # Delivery unmasked the port, and Xen delivers the pending bit the
+        # coalesced notifications left: one more event, not two.
+        assert await next_event(first) == Fired(channel.port)
+        with fanout.subscribe() as second:
+            await settle()
+            assert first.get_nowait() is None
+            assert second.get_nowait() is None
+            assert fanout.events_read == 2
+
+
+async def test_interdomain_initial_event_delivered_once(
+    handles: tuple[EvtchnHandle, EvtchnHandle], fanout: EventFanout
+) -> None:
+    with fanout.subscribe() as subscription:
+        chan = _connect(*handles)
+        assert await next_event(subscription) == Fired(chan.port)
+        await settle()
+        assert subscription.get_nowait() is None
+
+
+async def test_a_thousand_subscribers_each_get_every_event(channel: Channel, fanout: EventFanout) -> None:
+    subscriptions = [fanout.subscribe() for _ in range(1000)]
+    try:
+        assert fanout.subscriber_count == 1000
+        for _ in range(3):
+            channel.fire()
+            events = await asyncio.gather(*(next_event(s) for s in subscriptions))
+            assert set(events) == {Fired(channel.port)}
+        # One read per notification, however many subscribers.
+        assert fanout.events_read == 3
+    finally:
+        for subscription in subscriptions:
+            subscription.close()
+    assert fanout.subscriber_count == 0
+
+
+async def test_slow_subscriber_loses_events_and_others_do_not(channel: Channel, fanout: EventFanout) -> None:
+    with fanout.subscribe(queue_size=2) as slow, fanout.subscribe() as fast:
+        for _ in range(10):
+            channel.fire()
+            assert await next_event(fast) == Fired(channel.port)
+        # The slow one kept the first two and lost eight.
+        assert slow.lost_total == 8
+        assert await next_event(slow) == Fired(channel.port)
+        assert await next_event(slow) == Fired(channel.port)
+        await settle()
+        assert slow.get_nowait() is None
+        channel.fire()
+        assert await next_event(fast) == Fired(channel.port)
+        # Lost is reported right before the next delivered event.
+        assert await next_event(slow) == Lost(8)
+        assert await next_event(slow) == Fired(channel.port)
+
+
+async def test_full_lone_subscriber_holds_port_masked_until_it_reads(channel: Channel, fanout: EventFanout) -> None:
+    with fanout.subscribe(queue_size=1) as slow:
+        channel.fire()  # queued, unmasked
+        await settle()
+        channel.fire()  # read, dropped (queue full): the port is held masked
+        await settle()
+        channel.fire()  # coalesces in the device while masked
+        channel.fire()
+        await settle()
+        assert fanout.events_read == 2
+        assert slow.lost_total == 1
+        assert await next_event(slow) == Fired(channel.port)  # room made: the port is unmasked
+        assert await next_event(slow) == Lost(1)
+        assert await next_event(slow) == Fired(channel.port)  # the coalesced pending bit
+        await settle()
+        assert slow.get_nowait() is None
+
+
+async def test_unmask_left_to_manual_subscribers_when_all_want_manual(channel: Channel, fanout: EventFanout) -> None:
+    with fanout.subscribe(auto_unmask=False) as manual:
+        channel.fire()
+        assert await next_event(manual) == Fired(channel.port)
+        with fanout.subscribe() as auto:
+            # A manual subscriber's delivery did not unmask; the auto one
+            # arrived later, so nothing fires until someone unmasks.
+            channel.fire()
+            await settle()
+            assert auto.get_nowait() is None
+            channel.local.unmask(channel.port)
+            assert await next_event(auto) == Fired(channel.port)
+            assert await next_event(manual) == Fired(channel.port)
+            # The auto subscriber took it, so the port was unmasked for everyone.
+            channel.fire()
+            assert await next_event(manual) == Fired(channel.port)
+
+
+async def test_forget_port_drops_pending(channel: Channel, fanout: EventFanout) -> None:
+    channel.fire()
+    await settle()
+    assert fanout.pending_ports == (channel.port,)
+    channel.local.unbind(channel.port)
+    fanout.forget_port(channel.port)
+    assert fanout.pending_ports == ()
+
+
+# --------------------------------------------------------------------------- life
+
+
+async def test_close_ends_subscriptions_cleanly_and_removes_the_reader(
+    channel: Channel, handles: tuple[EvtchnHandle, EvtchnHandle]
+) -> None:
+    local = handles[0]
+    fan = EventFanout(local)
+    assert _reader_registered(local.fileno())
+    subscriptions = [fan.subscribe(queue_size=1) for _ in range(3)]
+    channel.fire()
+    channel.fire()  # the second is dropped: queues of 1 stay full
+
+    async def consume(subscription: Subscription) -> list[Fired | Lost]:
+        return [event async for event in subscription]
+
+    await settle()
+    consumers = [asyncio.create_task(consume(s)) for s in subscriptions]
+    await settle()
+    fan.close()
+    results = await asyncio.wait_for(asyncio.gather(*consumers), TIMEOUT)
+    assert all(result and result[0] == Fired(channel.port) for result in results)
+    assert not _reader_registered(local.fileno())
+    assert fan.subscriber_count == 0
+    with pytest.raises(FanoutClosed):
+        fan.subscribe()
+    fan.close()  # idempotent
+    # The handle is free for a new reader.
+    EventFanout(local).close()
+
+
+async def test_close_wakes_a_subscriber_waiting_on_an_empty_queue(fanout: EventFanout) -> None:
+    subscription = fanout.subscribe()
+    waiter = asyncio.create_task(anext(subscription))
+    await settle()
+    fanout.close()
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(waiter, TIMEOUT)
+
+
+async def test_one_reader_per_handle(handles: tuple[EvtchnHandle, EvtchnHandle], fanout: EventFanout) -> None:
+    with pytest.raises(RuntimeError, match="already has a reader"):
+        EventFanout(handles[0])
+
+
+async def test_subscription_context_managers_unregister(fanout: EventFanout) -> None:
+    async with fanout.subscribe(ports=[5, 6]) as subscription:
+        assert fanout.subscriber_count == 1
+    assert fanout.subscriber_count == 0
+    assert subscription.closed
+    with pytest.raises(StopAsyncIteration):
+        await anext(subscription)
+    subscription.close()  # idempotent
+
+
+async def test_cancelled_consumer_leaves_no_trace(channel: Channel, fanout: EventFanout) -> None:
+    subscription = fanout.subscribe()
+    waiter = asyncio.create_task(anext(subscription))
+    await settle()
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    # Still usable after a cancelled wait: nothing was consumed by it.
+    channel.fire()
+    assert await next_event(subscription) == Fired(channel.port)
+    subscription.close()
+    assert fanout.subscriber_count == 0
+
+
+async def test_queue_size_bounds(fanout: EventFanout) -> None:
+    with fanout.subscribe() as default:
+        assert default.queue_size == DEFAULT_QUEUE_SIZE
+    with pytest.raises(ValueError):
+        fanout.subscribe(queue_size=-1)
+    with pytest.raises(ValueError):
+        fanout.subscribe(queue_size=10**9)
+
+
+# --------------------------------------------------------------------------- device failures
+
+
+class FaultyHandle(EvtchnHandle):
+    """A real emulated handle whose next read fails with *fail_with*."""
+
+    def __init__(self, inner: EvtchnHandle) -> None:
+        self.inner = inner
+        self.fail_with: BaseException | None = None
+        self.resets = 0
+
+    def fileno(self) -> int:
+        return self.inner.fileno()
+
+    def read_pending(self, max_ports: int = 256) -> list[int]:
+        if self.fail_with is not None:
+            error, self.fail_with = self.fail_with, None
+            raise error
+        return self.inner.read_pending(max_ports)
+
+    def reset(self) -> None:
+        self.resets += 1
+        self.inner.reset()
+
+    def bind_unbound_port(self, remote_domain: int) -> int:
+        return self.inner.bind_unbound_port(remote_domain)
+
+    def bind_interdomain(self, remote_domain: int, remote_port: int) -> int:
+        return self.inner.bind_interdomain(remote_domain, remote_port)
+
+    def bind_virq(self, virq: int) -> int:
+        return self.inner.bind_virq(virq)
+
+    def unbind(self, port: int) -> None:
+        self.inner.unbind(port)
+
+    def notify(self, port: int) -> None:
+        self.inner.notify(port)
+
+    def unmask(self, port: int) -> None:
+        self.inner.unmask(port)
+
+    def restrict_domid(self, domid: int) -> None:
+        self.inner.restrict_domid(domid)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+async def test_read_failure_ends_subscriptions_with_the_error(channel: Channel) -> None:
+    faulty = FaultyHandle(channel.local)
+    fan = EventFanout(faulty)
+    try:
+        subscription = fan.subscribe()
+        faulty.fail_with = BrokerError(errno.EIO, "evtchn read", "device gone")
+        channel.fire()
+        with pytest.raises(BrokerError) as raised:
+            await next_event(subscription)
+        assert raised.value.errno == errno.EIO
+        assert fan.closed and fan.error is not None
+        assert not _reader_registered(faulty.fileno())
+    finally:
+        fan.close()
+
+
+async def test_ring_overflow_reports_every_bound_port(handles: tuple[EvtchnHandle, EvtchnHandle]) -> None:
+    a = _connect(*handles)
+    _drain_initial(handles[0], a.port)
+    b = _connect(*handles)
+    _drain_initial(handles[0], b.port)
+    faulty = FaultyHandle(handles[0])
+    fan = EventFanout(faulty, bound_ports=lambda: [a.port, b.port])
+    try:
+        faulty.fail_with = BrokerError(errno.EFBIG, "evtchn read", "the event ring overflowed")
+        with fan.subscribe() as subscription:
+            a.fire()  # readable now; the read fails with EFBIG
+            events = {await next_event(subscription), await next_event(subscription)}
+            assert events == {Fired(a.port), Fired(b.port)}
+            assert faulty.resets == 1 and fan.overflows == 1
+            assert not fan.closed
+            # Auto-unmask re-armed both ports.
+            b.fire()
+            assert await next_event(subscription) == Fired(b.port)
+    finally:
+        fan.close()
+
+
+# --------------------------------------------------------------------------- uvloop
+
+
+def test_fanout_on_uvloop() -> None:
+    """The daemon runs on uvloop: the same reader life on libuv's poll handles."""
+    uvloop = pytest.importorskip("uvloop")
+    from grant_broker.backend.emulated.evtchn import EmulatedEvtchnHandle
+    from grant_broker.fds import open_fd_count
+
+    # libuv keeps a couple of process-wide descriptors once any loop ran, so
+    # count after a first loop rather than with the fd_baseline fixture.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.sleep(0))
+    gc.collect()
+    before = open_fd_count()
+    hypervisor = _Hypervisor()
+
+    async def scenario() -> None:
+        with EmulatedEvtchnHandle(hypervisor, 1) as local, EmulatedEvtchnHandle(hypervisor, 2) as peer:
+            chan = _connect(local, peer)
+            fan = EventFanout(local)
+            try:
+                subscriptions = [fan.subscribe() for _ in range(100)]
+                slow = fan.subscribe(queue_size=1)
+                events = await asyncio.gather(*(next_event(s) for s in subscriptions))
+                assert set(events) == {Fired(chan.port)}  # the bind's initial event
+                for _ in range(3):
+                    chan.fire()
+                    events = await asyncio.gather(*(next_event(s) for s in subscriptions))
+                    assert set(events) == {Fired(chan.port)}
+                assert slow.lost_total == 3
+                waiter = asyncio.create_task(anext(subscriptions[0]))
+                await settle()
+            finally:
+                fan.close()
+            with pytest.raises(StopAsyncIteration):
+                await asyncio.wait_for(waiter, TIMEOUT)
+            # A new reader can take the descriptor over: the old one is gone.
+            again = EventFanout(local)
+            with again.subscribe() as subscription:
+                chan.fire()
+                assert await next_event(subscription) == Fired(chan.port)
+            again.close()
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(scenario())
+    finally:
+        hypervisor.events.close()
+    gc.collect()
+    assert open_fd_count() == before

@@ -1,0 +1,136 @@
+"""The fd channel: frames and descriptors over SOCK_SEQPACKET, and every way a peer can break it."""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+
+from grant_broker.fdchannel import MAX_FDS_PER_FRAME, ChannelClosed, FdChannel, ProtocolError
+from grant_broker.v1.fdchannel_pb2 import ClientHello, FdFrame, FdTransfer
+
+
+@pytest.fixture
+async def pair(fd_baseline: None) -> AsyncIterator[tuple[FdChannel, socket.socket]]:
+    """Our channel, and the raw socket of a peer that may misbehave."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    channel = FdChannel(ours)
+    try:
+        yield channel, theirs
+    finally:
+        channel.close()
+        theirs.close()
+
+
+def _send_raw(sock: socket.socket, payload: bytes, fds: list[int]) -> None:
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([payload], ancillary)
+
+
+def _transfer(transfer_id: int, count: int) -> bytes:
+    return FdFrame(transfer=FdTransfer(transfer_id=transfer_id, fd_count=count)).SerializeToString()
+
+
+async def test_frame_and_descriptors_arrive_together(pair: tuple[FdChannel, socket.socket]) -> None:
+    channel, peer = pair
+    read_end, write_end = os.pipe()
+    try:
+        _send_raw(peer, _transfer(7, 1), [write_end])
+        frame, fds = await channel.receive()
+        assert frame.transfer.transfer_id == 7
+        assert len(fds) == 1
+        with fds[0]:
+            os.write(fds[0].fileno(), b"x")
+        assert os.read(read_end, 1) == b"x"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+async def test_send_passes_descriptors_that_the_peer_can_use(pair: tuple[FdChannel, socket.socket]) -> None:
+    channel, peer = pair
+    read_end, write_end = os.pipe()
+    try:
+        await channel.send(FdFrame(transfer=FdTransfer(transfer_id=1, fd_count=1)), [write_end])
+        payload, ancillary, flags, _ = peer.recvmsg(4096, socket.CMSG_SPACE(4))
+        (level, kind, data), = ancillary
+        (received,) = array.array("i", data)
+        os.write(received, b"y")
+        os.close(received)
+        assert os.read(read_end, 1) == b"y"
+        assert FdFrame.FromString(payload).transfer.transfer_id == 1
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+async def test_more_descriptors_than_announced_is_a_protocol_error(pair: tuple[FdChannel, socket.socket]) -> None:
+    channel, peer = pair
+    read_end, write_end = os.pipe()
+    try:
+        _send_raw(peer, _transfer(1, 1), [read_end, write_end])
+        with pytest.raises(ProtocolError, match="announces 1 descriptors but 2 arrived"):
+            await channel.receive()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+async def test_descriptors_on_a_hello_frame_are_a_protocol_error(pair: tuple[FdChannel, socket.socket]) -> None:
+    channel, peer = pair
+    read_end, write_end = os.pipe()
+    try:
+        _send_raw(peer, FdFrame(client_hello=ClientHello(protocol_version=1)).SerializeToString(), [read_end])
+        with pytest.raises(ProtocolError, match="announces 0 descriptors but 1 arrived"):
+            await channel.receive()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+async def test_too_many_descriptors_truncate_and_are_refused(pair: tuple[FdChannel, socket.socket]) -> None:
+    channel, peer = pair
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(MAX_FDS_PER_FRAME + 8)]
+    try:
+        _send_raw(peer, _transfer(1, len(fds)), fds)
+        with pytest.raises(ProtocolError, match="MSG_CTRUNC"):
+            await channel.receive()
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+async def test_undecodable_frame_is_a_protocol_error(pair: tuple[FdChannel, socket.socket]) -> None:
+    channel, peer = pair
+    _send_raw(peer, b"\xff\xff\xff\xff garbage", [])
+    with pytest.raises(ProtocolError, match="undecodable"):
+        await channel.receive()
+
+
+async def test_empty_frame_is_a_protocol_error(pair: tuple[FdChannel, socket.socket]) -> None:
+    channel, peer = pair
+    _send_raw(peer, b"\x00", [])
+    with pytest.raises(ProtocolError):
+        await channel.receive()
+
+
+async def test_peer_close_is_channel_closed(pair: tuple[FdChannel, socket.socket]) -> None:
+    channel, peer = pair
+    peer.shutdown(socket.SHUT_RDWR)
+    with pytest.raises(ChannelClosed):
+        await channel.receive()
+
+
+async def test_sending_more_than_the_frame_maximum_is_refused_locally(pair: tuple[FdChannel, socket.socket]) -> None:
+    channel, _ = pair
+    with pytest.raises(ValueError, match="at most"):
+        await channel.send(FdFrame(transfer=FdTransfer(transfer_id=1, fd_count=33)), list(range(33)))
+
+
+async def test_peer_credentials_are_the_connecting_process(pair: tuple[FdChannel, socket.socket]) -> None:
+    channel, _ = pair
+    creds = channel.peer_credentials()
+    assert (creds.pid, creds.uid, creds.gid) == (os.getpid(), os.getuid(), os.getgid())
