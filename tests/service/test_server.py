@@ -116,6 +116,7 @@ async def test_token_of_an_ended_session_is_refused(broker: InProcessBroker) -> 
 async def test_descriptors_before_the_hello_end_the_connection(broker: InProcessBroker) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.connect(broker.socket_path + ".fds")
+    sock.setblocking(False)
     read_end, write_end = os.pipe()
     try:
         import array
