@@ -246,6 +246,8 @@ class EmulatedGntdev(GntdevInstance):
             if mapping is None:
                 raise BrokerError(errno.EINVAL, operation, f"no mapping of {count} grants at index {index:#x}")
             if mapping.readonly is None:
+                # Decided before the grants are mapped and kept even if that
+                # fails, as gntdev_mmap sets map->flags first.
                 mapping.readonly = not writable
             elif writable and mapping.readonly:
                 raise BrokerError(

@@ -4,8 +4,10 @@ Model
 -----
 * A :class:`Backing` is one memfd of whole pages: one per gntalloc allocation
   and one per imported dma-buf.  It stays open while anything uses it (a page
-  of a gntalloc instance, an import, a grant entry) and is closed by the last
-  user, so the fd-leak checks of the tests see every descriptor come back.
+  of a gntalloc instance, an import, a dma-buf export, a grant entry) and is
+  closed by the last user, so the fd-leak checks of the tests see every
+  descriptor come back.  Spans handed out are other descriptors of the same
+  memfd: the memory outlives the backing as long as they, or mmaps, do.
 * Each domain has one :class:`GrantTable` (version 1, the Linux default):
   ``NR_GRANT_ENTRIES`` slots, of which the first ``GNTTAB_NR_RESERVED_ENTRIES``
   are the toolstack's, so Linux hands out refs from 8 up.  An entry grants one
@@ -91,9 +93,12 @@ class Backing:
     @classmethod
     def allocate(cls, pages: int, label: str) -> "Backing":
         """Fresh zeroed pages (a memfd, as kernel pages are zeroed by gntalloc)."""
-        fd = os.memfd_create(label, os.MFD_CLOEXEC)
+        fd = os.memfd_create(label, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, pages * PAGE_SIZE)
+            # Spans of these pages go to other processes; nobody may resize
+            # them (a shrink would SIGBUS every mapping, the granter's too).
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         except BaseException:
             os.close(fd)
             raise
@@ -149,16 +154,18 @@ class Backing:
 def spans_of(pages: list[tuple[Backing, int]], *, writable: bool) -> list[MemorySpan]:
     """Spans for *pages* (backing, page) in order; consecutive pages of one
     backing coalesce into one span."""
-    spans: list[MemorySpan] = []
-    runs: list[list[int | Backing]] = []
+    runs: list[tuple[Backing, int, int]] = []  # backing, first page, page count
     for backing, page in pages:
-        if runs and runs[-1][0] is backing and runs[-1][1] + runs[-1][2] == page:  # type: ignore[operator]
-            runs[-1][2] += 1  # type: ignore[operator]
-        else:
-            runs.append([backing, page, 1])
+        if runs:
+            last, first, count = runs[-1]
+            if last is backing and first + count == page:
+                runs[-1] = (backing, first, count + 1)
+                continue
+        runs.append((backing, page, 1))
+    spans: list[MemorySpan] = []
     try:
         for backing, first, count in runs:
-            spans.append(backing.span(first, count, writable=writable))  # type: ignore[union-attr, arg-type]
+            spans.append(backing.span(first, count, writable=writable))
     except BaseException:
         for span in spans:
             span.close()

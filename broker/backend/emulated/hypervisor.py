@@ -38,6 +38,7 @@ from grant_broker.backend.contract import (
     MemBufDevice,
 )
 from grant_broker.errors import BrokerError
+from grant_broker.uapi.mem_buf import MEM_BUF_VMID_PRIMARY_VM
 
 from .evtchn import EmulatedEvtchnHandle, EventChannelHub
 from .gntalloc import EmulatedGntalloc
@@ -58,6 +59,9 @@ EMULATION_NOTES: tuple[str, ...] = (
     "a dma-buf export must be all the pages of one granted buffer (one gntalloc allocation or one "
     "imported dma-buf), in order from its first page",
     "get_offset_for_vaddr recognises a mapping by the file and offset mapped at the address",
+    "gntdev spans are descriptors of the granter's memory (memfds), not of the gntdev instance",
+    "an instance whose last descriptor closes elsewhere (another process) is released when the "
+    "running asyncio loop sees the hang-up, or else at the emulation's next device operation",
     "SET_MAX_GRANTS is implemented (real Linux gntdev answers ENOTTY)",
     "gntdev dma-buf ioctls are implemented (Debian's kernel lacks CONFIG_XEN_GNTDEV_DMABUF)",
 )
@@ -66,11 +70,10 @@ EMULATION_NOTES: tuple[str, ...] = (
 class _Domain:
     """One domain: its identity and the instances opened as it."""
 
-    __slots__ = ("domid", "vmid", "links", "gntalloc_pages")
+    __slots__ = ("domid", "links", "gntalloc_pages")
 
-    def __init__(self, domid: int, vmid: int) -> None:
+    def __init__(self, domid: int) -> None:
         self.domid = domid
-        self.vmid = vmid
         self.links: set[InstanceLink] = set()
         self.gntalloc_pages = 0
 
@@ -95,46 +98,36 @@ class EmulatedHypervisor:
 
     # ------------------------------------------------------------------ domains
 
-    def backend(self, domid: int, *, vmid: int | None = None) -> "EmulatedBackend":
+    def backend(self, domid: int, *, vmid: int = MEM_BUF_VMID_PRIMARY_VM) -> "EmulatedBackend":
         """A backend acting as domain *domid*, creating the domain on first use.
 
-        *vmid* is the domain's mem-buf VMID, fixed when the domain is created
-        (default ``MEM_BUF_VMID_PRIMARY_VM``); asking again for an existing
-        domain returns a new backend object for the same domain.
+        A second call for the same domain returns a new backend object for
+        that domain.  *vmid* is the mem-buf VMID the backend's mem-buf device
+        acts as (a property of the backend, not of the domain).
 
         Raises:
-            ValueError: *domid* is not a valid domain id (0..0x7FEF), or
-                *vmid* differs from the existing domain's.
+            ValueError: *domid* is not a valid domain id (0..0x7FEF).
             BrokerError(EBADF): the hypervisor is closed.
         """
-        from grant_broker.uapi.mem_buf import MEM_BUF_VMID_PRIMARY_VM
-
         if not 0 <= domid < 0x7FF0:  # DOMID_FIRST_RESERVED, xen/include/public/xen.h
             raise ValueError(f"domain id {domid} is outside 0..0x7FEF")
         with self.lock:
             self._check_open("create backend")
-            domain = self._domains.get(domid)
-            if domain is None:
-                domain = _Domain(domid, MEM_BUF_VMID_PRIMARY_VM if vmid is None else vmid)
-                self._domains[domid] = domain
+            if domid not in self._domains:
+                self._domains[domid] = _Domain(domid)
                 self.grants.create(domid)
-            elif vmid is not None and vmid != domain.vmid:
-                raise ValueError(f"domain {domid} has VMID {domain.vmid}, not {vmid}")
-            backend = EmulatedBackend(self, domid, domain.vmid)
+            backend = EmulatedBackend(self, domid, vmid)
             self._backends = [b for b in self._backends if not b.closed]
             self._backends.append(backend)
             return backend
 
     def domain_exists(self, domid: int) -> bool:
         """Whether *domid* exists (created by :meth:`backend`, not destroyed)."""
-        with self.lock:
-            return domid in self._domains
-
-    def domain_vmid(self, domid: int) -> int | None:
-        """The mem-buf VMID of *domid*, or None if it does not exist."""
-        with self.lock:
-            domain = self._domains.get(domid)
-            return None if domain is None else domain.vmid
+        # No lock on purpose: the event-channel emulation calls this while
+        # holding its own lock, and the grant side holds :attr:`lock` while it
+        # calls into that emulation; a dict lookup is atomic, so no lock order
+        # between the two is needed.
+        return domid in self._domains
 
     def destroy_domain(self, domid: int) -> None:
         """The domain disappears: its instances are released, its grants

@@ -1,0 +1,237 @@
+"""gntdev dma-buf export and import (capability ``dmabuf``).
+
+A backend without dma-buf support (Debian's kernel lacks
+CONFIG_XEN_GNTDEV_DMABUF) must answer ENOTTY; everything else here is skipped
+there.  The buffers imported are ones exported by the backend itself, so the
+tests need no other dma-buf source.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+
+import pytest
+
+from grant_broker.backend.contract import PAGE_SIZE, GrantRef
+from grant_broker.errors import BrokerError
+from grant_broker.uapi.gntdev import GNTDEV_DMA_FLAG_COHERENT, GNTDEV_DMA_FLAG_WC
+
+from ._grant_helpers import granted_pages, granter_view, grantee_view
+
+
+@pytest.fixture
+def dmabuf_domains(domains):
+    if not domains.local.capabilities.dmabuf:
+        pytest.skip("this backend's gntdev has no dma-buf support")
+    return domains
+
+
+def test_dmabuf_unsupported_is_enotty(domains) -> None:
+    if domains.local.capabilities.dmabuf:
+        pytest.skip("this backend supports dma-buf")
+    with granted_pages(domains.peer, domains.local.domid) as (_, allocation), domains.local.open_gntdev() as gntdev:
+        with pytest.raises(BrokerError) as caught:
+            gntdev.dmabuf_export_from_refs(domains.peer.domid, allocation.refs)
+        assert caught.value.errno == errno.ENOTTY
+
+
+# --------------------------------------------------------------------------- export
+
+
+def test_export_gives_a_buffer_of_the_granted_pages(dmabuf_domains) -> None:
+    domains = dmabuf_domains
+    with (
+        granted_pages(domains.peer, domains.local.domid, 2) as (gntalloc, allocation),
+        granter_view(gntalloc, allocation) as granter,
+        domains.local.open_gntdev() as gntdev,
+        gntdev.dmabuf_export_from_refs(domains.peer.domid, allocation.refs) as buffer,
+        mmap.mmap(buffer.fileno(), 2 * PAGE_SIZE) as memory,
+    ):
+        granter[PAGE_SIZE : PAGE_SIZE + 3] = b"abc"
+        assert memory[PAGE_SIZE : PAGE_SIZE + 3] == b"abc"
+        memory[0:3] = b"xyz"
+        assert bytes(granter[0:3]) == b"xyz"
+
+
+def test_export_of_no_refs_is_einval(dmabuf_domains) -> None:
+    with dmabuf_domains.local.open_gntdev() as gntdev, pytest.raises(BrokerError) as caught:
+        gntdev.dmabuf_export_from_refs(dmabuf_domains.peer.domid, [])
+    assert caught.value.errno == errno.EINVAL
+
+
+def test_export_with_unknown_flags_is_einval(dmabuf_domains) -> None:
+    domains = dmabuf_domains
+    unknown = ~(GNTDEV_DMA_FLAG_WC | GNTDEV_DMA_FLAG_COHERENT) & 0xFFFF_FFFF
+    with granted_pages(domains.peer, domains.local.domid) as (_, allocation), domains.local.open_gntdev() as gntdev:
+        with pytest.raises(BrokerError) as caught:
+            gntdev.dmabuf_export_from_refs(domains.peer.domid, allocation.refs, unknown)
+        assert caught.value.errno == errno.EINVAL
+
+
+def test_export_of_ungranted_ref_is_einval(dmabuf_domains) -> None:
+    domains = dmabuf_domains
+    with granted_pages(domains.peer, domains.unknown_domid) as (_, allocation), domains.local.open_gntdev() as gntdev:
+        with pytest.raises(BrokerError) as caught:
+            gntdev.dmabuf_export_from_refs(domains.peer.domid, allocation.refs)
+        assert caught.value.errno == errno.EINVAL
+
+
+def test_wait_released_times_out_while_the_buffer_is_open(dmabuf_domains) -> None:
+    domains = dmabuf_domains
+    with (
+        granted_pages(domains.peer, domains.local.domid) as (_, allocation),
+        domains.local.open_gntdev() as gntdev,
+        gntdev.dmabuf_export_from_refs(domains.peer.domid, allocation.refs) as buffer,
+    ):
+        for timeout_ms in (0, 20):
+            with pytest.raises(BrokerError) as caught:
+                gntdev.dmabuf_export_wait_released(buffer.fileno(), timeout_ms)
+            assert caught.value.errno == errno.ETIMEDOUT
+
+
+def test_wait_released_of_a_buffer_never_exported_is_enoent(dmabuf_domains) -> None:
+    with dmabuf_domains.local.open_gntdev() as gntdev, pytest.raises(BrokerError) as caught:
+        gntdev.dmabuf_export_wait_released(gntdev.fileno(), 0)
+    assert caught.value.errno == errno.ENOENT
+
+
+def test_wait_released_of_another_instances_buffer_is_enoent(dmabuf_domains) -> None:
+    domains = dmabuf_domains
+    with (
+        granted_pages(domains.peer, domains.local.domid) as (_, allocation),
+        domains.local.open_gntdev() as exporter,
+        domains.local.open_gntdev() as other,
+        exporter.dmabuf_export_from_refs(domains.peer.domid, allocation.refs) as buffer,
+    ):
+        with pytest.raises(BrokerError) as caught:
+            other.dmabuf_export_wait_released(buffer.fileno(), 0)
+        assert caught.value.errno == errno.ENOENT
+
+
+def test_wait_released_returns_when_the_buffer_is_closed(dmabuf_domains) -> None:
+    domains = dmabuf_domains
+    with granted_pages(domains.peer, domains.local.domid) as (_, allocation), domains.local.open_gntdev() as gntdev:
+        buffer = gntdev.dmabuf_export_from_refs(domains.peer.domid, allocation.refs)
+        number = buffer.fileno()
+        closer = threading.Timer(0.05, buffer.close)
+        closer.start()
+        try:
+            gntdev.dmabuf_export_wait_released(number, 5000)
+        finally:
+            closer.join()
+
+
+def test_wait_released_after_release_is_enoent(dmabuf_domains) -> None:
+    # Linux forgets a buffer once it is released; ENOENT then means "released".
+    domains = dmabuf_domains
+    with granted_pages(domains.peer, domains.local.domid) as (_, allocation), domains.local.open_gntdev() as gntdev:
+        buffer = gntdev.dmabuf_export_from_refs(domains.peer.domid, allocation.refs)
+        number = buffer.fileno()
+        buffer.close()
+        with pytest.raises(BrokerError) as caught:
+            gntdev.dmabuf_export_wait_released(number, 0)
+        assert caught.value.errno == errno.ENOENT
+
+
+def test_an_mmap_keeps_the_buffer_in_use(dmabuf_domains) -> None:
+    domains = dmabuf_domains
+    with granted_pages(domains.peer, domains.local.domid) as (_, allocation), domains.local.open_gntdev() as gntdev:
+        buffer = gntdev.dmabuf_export_from_refs(domains.peer.domid, allocation.refs)
+        number = buffer.fileno()
+        with mmap.mmap(buffer.fileno(), PAGE_SIZE):
+            buffer.close()
+            with pytest.raises(BrokerError) as caught:
+                gntdev.dmabuf_export_wait_released(number, 0)
+            assert caught.value.errno == errno.ETIMEDOUT
+        with pytest.raises(BrokerError) as caught:
+            gntdev.dmabuf_export_wait_released(number, 0)
+        assert caught.value.errno == errno.ENOENT
+
+
+def test_a_duplicate_descriptor_keeps_the_buffer_in_use(dmabuf_domains) -> None:
+    domains = dmabuf_domains
+    with granted_pages(domains.peer, domains.local.domid) as (_, allocation), domains.local.open_gntdev() as gntdev:
+        buffer = gntdev.dmabuf_export_from_refs(domains.peer.domid, allocation.refs)
+        number = buffer.fileno()
+        with buffer.dup():
+            buffer.close()
+            with pytest.raises(BrokerError) as caught:
+                gntdev.dmabuf_export_wait_released(number, 0)
+            assert caught.value.errno == errno.ETIMEDOUT
+
+
+# --------------------------------------------------------------------------- import
+
+
+def test_import_grants_the_buffer_pages(dmabuf_domains) -> None:
+    domains = dmabuf_domains
+    with (
+        granted_pages(domains.peer, domains.local.domid, 2) as (gntalloc, allocation),
+        granter_view(gntalloc, allocation) as granter,
+        domains.local.open_gntdev() as exporter,
+        exporter.dmabuf_export_from_refs(domains.peer.domid, allocation.refs) as buffer,
+        domains.local.open_gntdev() as importer,
+        domains.peer.open_gntdev() as peer_gntdev,
+    ):
+        granter[PAGE_SIZE : PAGE_SIZE + 4] = b"buf!"
+        refs = importer.dmabuf_import_to_refs(buffer.fileno(), domains.peer.domid, 2)
+        assert len(set(refs)) == 2
+        with grantee_view(peer_gntdev, [GrantRef(domains.local.domid, ref) for ref in refs]) as (_, memory):
+            assert bytes(memory.view[PAGE_SIZE : PAGE_SIZE + 4]) == b"buf!"
+        importer.dmabuf_import_release(buffer.fileno())
+
+
+def test_import_with_wrong_page_count_is_einval(dmabuf_domains) -> None:
+    domains = dmabuf_domains
+    with (
+        granted_pages(domains.peer, domains.local.domid) as (_, allocation),
+        domains.local.open_gntdev() as gntdev,
+        gntdev.dmabuf_export_from_refs(domains.peer.domid, allocation.refs) as buffer,
+    ):
+        with pytest.raises(BrokerError) as caught:
+            gntdev.dmabuf_import_to_refs(buffer.fileno(), domains.peer.domid, 2)
+        assert caught.value.errno == errno.EINVAL
+
+
+def test_import_of_a_pipe_is_einval(dmabuf_domains) -> None:
+    read_end, write_end = os.pipe()
+    try:
+        with dmabuf_domains.local.open_gntdev() as gntdev, pytest.raises(BrokerError) as caught:
+            gntdev.dmabuf_import_to_refs(read_end, dmabuf_domains.peer.domid, 1)
+        assert caught.value.errno == errno.EINVAL
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_import_release_of_a_buffer_not_imported_is_enoent(dmabuf_domains) -> None:
+    domains = dmabuf_domains
+    with (
+        granted_pages(domains.peer, domains.local.domid) as (_, allocation),
+        domains.local.open_gntdev() as gntdev,
+        gntdev.dmabuf_export_from_refs(domains.peer.domid, allocation.refs) as buffer,
+    ):
+        with pytest.raises(BrokerError) as caught:
+            gntdev.dmabuf_import_release(buffer.fileno())
+        assert caught.value.errno == errno.ENOENT
+
+
+def test_import_release_ends_the_grants(dmabuf_domains) -> None:
+    domains = dmabuf_domains
+    with (
+        granted_pages(domains.peer, domains.local.domid) as (_, allocation),
+        domains.local.open_gntdev() as exporter,
+        exporter.dmabuf_export_from_refs(domains.peer.domid, allocation.refs) as buffer,
+        domains.local.open_gntdev() as importer,
+        domains.peer.open_gntdev() as peer_gntdev,
+    ):
+        refs = importer.dmabuf_import_to_refs(buffer.fileno(), domains.peer.domid, 1)
+        importer.dmabuf_import_release(buffer.fileno())
+        index = peer_gntdev.map_grant_refs([GrantRef(domains.local.domid, refs[0])])
+        with pytest.raises(BrokerError) as caught:
+            peer_gntdev.map_memory(index, 1, writable=False)
+        assert caught.value.errno == errno.EINVAL
+        peer_gntdev.unmap_grant_ref(index, 1)
