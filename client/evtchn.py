@@ -60,7 +60,7 @@ from grant_broker_client.errors import BrokerClientError, from_rpc_error
 if TYPE_CHECKING:
     from grant_broker_client.session import Session
 
-__all__ = ["EventsLost", "EvtchnClient", "EvtchnEvent", "EvtchnSubscription", "PortFired"]
+__all__ = ["EventsLost", "EvtchnClient", "EvtchnEvent", "EvtchnSubscription", "PortFired", "Subscribing"]
 
 _U32_MAX = 0xFFFF_FFFF
 
@@ -102,7 +102,18 @@ class EvtchnClient:
 
     def __init__(self, session: "Session") -> None:
         self._session = session
-        self._stub = evtchn_pb2_grpc.EvtchnStub(session.grpc_channel)
+        self._stub_instance: evtchn_pb2_grpc.EvtchnStub | None = None
+
+    @property
+    def _stub(self) -> evtchn_pb2_grpc.EvtchnStub:
+        # Made on first use, and never on a closed session: grpcio (1.85)
+        # crashes the process when a stub is built on a closed aio channel
+        # (registering its methods uses the freed core channel).
+        if self._stub_instance is None:
+            if self._session.closed:
+                raise BrokerClientError(errno.EPIPE, "evtchn", "the session is closed", code=grpc.StatusCode.UNAVAILABLE)
+            self._stub_instance = evtchn_pb2_grpc.EvtchnStub(self._session.grpc_channel)
+        return self._stub_instance
 
     # ---------------------------------------------------------------- binding
 
@@ -162,7 +173,7 @@ class EvtchnClient:
 
     def subscribe(
         self, ports: Iterable[int] = (), *, auto_unmask: bool = True, queue_size: int = 0
-    ) -> "_SubscriptionStart":
+    ) -> "Subscribing":
         """Receive the events of *ports* (every port of the session when empty).
 
         Use ``async with evtchn.subscribe(...) as events`` or
@@ -186,15 +197,17 @@ class EvtchnClient:
             auto_unmask=auto_unmask,
             queue_size=_u32(op, "queue size", queue_size),
         )
-        return _SubscriptionStart(self._session, self._stub, request)
+        return Subscribing(self, request)
 
 
-class _SubscriptionStart:
-    """``subscribe()``'s result: await it, or use it with ``async with``."""
+class Subscribing:
+    """What :meth:`EvtchnClient.subscribe` returns: await it for an
+    :class:`EvtchnSubscription`, or use it with ``async with`` (which closes
+    the subscription on exit)."""
 
-    def __init__(self, session: "Session", stub: evtchn_pb2_grpc.EvtchnStub, request: evtchn_pb2.SubscribeRequest) -> None:
-        self._session = session
-        self._stub = stub
+    def __init__(self, client: EvtchnClient, request: evtchn_pb2.SubscribeRequest) -> None:
+        self._client = client
+        self._session = client._session
         self._request = request
         self._subscription: EvtchnSubscription | None = None
 
@@ -204,7 +217,7 @@ class _SubscriptionStart:
     async def _start(self) -> "EvtchnSubscription":
         if self._session.closed:
             raise BrokerClientError(errno.EPIPE, "evtchn subscribe", "the session is closed", code=grpc.StatusCode.UNAVAILABLE)
-        call = self._session.stream(self._stub.Subscribe, self._request)
+        call = self._session.stream(self._client._stub.Subscribe, self._request)
         try:
             first = await call.read()
         except grpc.aio.AioRpcError as exc:
@@ -245,6 +258,12 @@ class EvtchnSubscription:
         self._call = call
         self._closed = False
         self._ended = False
+        # The read in flight.  grpc.aio cancels the whole call when a read is
+        # cancelled, so a caller's timeout (wait_for(anext(events), 1)) would
+        # end the subscription; the read runs in a task of its own instead,
+        # awaited through a shield, and a cancelled wait leaves it for the
+        # next one.
+        self._reading: asyncio.Task[Any] | None = None
 
     @property
     def closed(self) -> bool:
@@ -256,30 +275,33 @@ class EvtchnSubscription:
     async def __anext__(self) -> EvtchnEvent:
         if self._closed or self._ended:
             raise StopAsyncIteration
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._call.read())
+            self._reading.add_done_callback(_retrieve)
+        reading = self._reading
         try:
-            message = await self._call.read()
-        except grpc.aio.AioRpcError as exc:
-            # Our own close(), or the session's, cancels the call: that is the end.
-            if self._closed or self._session.closed:
-                self._ended = True
-                raise StopAsyncIteration from None
-            raise from_rpc_error(exc) from None
+            message = await asyncio.shield(reading)
         except asyncio.CancelledError:
-            # close() from another task cancels the call, and its read()
-            # answers with CancelledError: that is the end, not a cancellation
-            # of this task (unless this task is being cancelled as well).
-            task = asyncio.current_task()
-            if (self._closed or self._session.closed) and (task is None or task.cancelling() == 0):
+            if not reading.done():
+                raise  # this task was cancelled; the read goes on for the next call
+            self._reading = None
+            if reading.cancelled() and (self._closed or self._session.closed):
+                # close() (ours or the session's) cancelled the call.
                 self._ended = True
                 raise StopAsyncIteration from None
             raise
+        except grpc.aio.AioRpcError as exc:
+            self._reading = None
+            self._ended = True
+            if self._closed or self._session.closed:
+                raise StopAsyncIteration from None
+            raise from_rpc_error(exc) from None
+        self._reading = None
         if message is grpc.aio.EOF:
             self._ended = True
             code = await self._call.code()
             if code != grpc.StatusCode.OK and not (self._closed or self._session.closed):
-                raise BrokerClientError(
-                    errno.EIO, "evtchn subscribe", await self._call.details() or code.name, code=code
-                )
+                raise BrokerClientError(errno.EIO, "evtchn subscribe", await self._call.details() or code.name, code=code)
             raise StopAsyncIteration
         kind = message.WhichOneof("kind")
         if kind == "port":
@@ -293,9 +315,13 @@ class EvtchnSubscription:
 
     async def close(self) -> None:
         """Stop receiving; the broker forgets the subscription.  Idempotent."""
-        if not self._closed:
-            self._closed = True
-            self._call.cancel()
+        if self._closed:
+            return
+        self._closed = True
+        self._call.cancel()
+        reading, self._reading = self._reading, None
+        if reading is not None:
+            await asyncio.wait([reading])  # the cancelled call ends it
 
     async def __aenter__(self) -> Self:
         return self
@@ -304,3 +330,11 @@ class EvtchnSubscription:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+
+def _retrieve(task: "asyncio.Task[Any]") -> None:
+    # A read left behind by a timed-out wait may end with an error nobody
+    # awaits (the session closed meanwhile): mark it seen, so asyncio does not
+    # report "exception was never retrieved".  A waiter still gets it.
+    if not task.cancelled():
+        task.exception()

@@ -76,27 +76,36 @@ class Session:
         self._send_lock = asyncio.Lock()
         self.broker = broker_pb2_grpc.BrokerStub(channel)
 
-    # Device clients, one per kernel interface, created on first use.
+    # Device clients, one per kernel interface, created on first use.  Never
+    # after close: grpcio crashes when a stub is made on a closed channel.
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BrokerClientError(errno.EPIPE, "session", "the session is closed", code=grpc.StatusCode.UNAVAILABLE)
+
     @functools.cached_property
     def gntdev(self) -> "GntdevClient":
+        self._check_open()
         from grant_broker_client.gntdev import GntdevClient
 
         return GntdevClient(self)
 
     @functools.cached_property
     def gntalloc(self) -> "GntallocClient":
+        self._check_open()
         from grant_broker_client.gntalloc import GntallocClient
 
         return GntallocClient(self)
 
     @functools.cached_property
     def evtchn(self) -> "EvtchnClient":
+        self._check_open()
         from grant_broker_client.evtchn import EvtchnClient
 
         return EvtchnClient(self)
 
     @functools.cached_property
     def membuf(self) -> "MemBufClient":
+        self._check_open()
         from grant_broker_client.membuf import MemBufClient
 
         return MemBufClient(self)

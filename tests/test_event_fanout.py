@@ -503,3 +503,16 @@ def test_fanout_on_uvloop() -> None:
         hypervisor.events.close()
     gc.collect()
     assert open_fd_count() == before
+
+
+async def test_held_port_is_unmasked_when_its_full_subscriber_leaves(channel: Channel, fanout: EventFanout) -> None:
+    slow = fanout.subscribe(queue_size=1)
+    channel.fire()
+    await settle()
+    channel.fire()  # dropped for the full subscriber: held masked
+    await settle()
+    assert slow.lost_total == 1
+    slow.close()
+    with fanout.subscribe() as later:
+        channel.fire()
+        assert await next_event(later) == Fired(channel.port)

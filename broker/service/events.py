@@ -22,7 +22,8 @@ Delivery rules, in the order they matter:
   of at least one auto-unmask subscriber, the fan-out unmasks it so the next
   notification fires.  When every auto-unmask subscriber that wanted it was
   full, the port is *held* masked — the source coalesces while the reader is
-  behind — and unmasked as soon as one of them takes an event off its queue.
+  behind — and unmasked as soon as an auto-unmask subscriber takes an event
+  off its queue.
   Subscribers without auto-unmask unmask themselves.
 
 Example, with a handle of the emulated backend::
@@ -96,9 +97,10 @@ class FanoutClosed(Exception):
 _Entry = tuple[int, int]
 _END: Final = (-1, -1)  # sentinel: the fan-out closed (never a real entry: counts are >= 0)
 
-# fanouts live per handle object: a second add_reader on the same descriptor
-# would silently replace the first reader, and events would go missing.
-_live: dict[int, "EventFanout"] = {}
+# Live fan-outs by (loop, descriptor): a second add_reader on the same
+# descriptor would silently replace the first reader, and events would go
+# missing, so a second reader is refused instead.
+_live: dict[tuple[int, int], "EventFanout"] = {}
 
 
 class EventFanout:
@@ -130,13 +132,14 @@ class EventFanout:
         name: str = "evtchn",
         bound_ports: Callable[[], Iterable[int]] | None = None,
     ) -> None:
-        if id(handle) in _live:
-            raise RuntimeError(f"{name}: the evtchn handle already has a reader (one reader per handle)")
         self._loop = asyncio.get_running_loop()
+        self._fd = handle.fileno()
+        self._key = (id(self._loop), self._fd)
+        if self._key in _live:
+            raise RuntimeError(f"{name}: the evtchn handle already has a reader (one reader per handle)")
         self._handle = handle
         self._name = name
         self._bound_ports = bound_ports
-        self._fd = handle.fileno()
         self._closed = False
         self._error: BaseException | None = None
         self._all: set[Subscription] = set()  # subscriptions without a port filter
@@ -146,7 +149,7 @@ class EventFanout:
         self.events_read = 0
         self.overflows = 0
         self._loop.add_reader(self._fd, self._on_readable)
-        _live[id(handle)] = self
+        _live[self._key] = self
 
     # ---------------------------------------------------------------- public
 
@@ -208,9 +211,11 @@ class EventFanout:
         self._held.discard(port)
 
     def forget_pending(self) -> None:
-        """The handle was reset (``IOCTL_EVTCHN_RESET``): nothing it fired is pending any more."""
+        """The handle was reset (``IOCTL_EVTCHN_RESET``): what it fired and
+        nobody took is dropped with its ring.  Ports held masked for a full
+        subscriber are still unmasked once it makes room: that is a promise
+        to the subscriber, not a pending event."""
         self._pending.clear()
-        self._held.clear()
 
     def close(self) -> None:
         """Stop reading and end every subscription (they finish cleanly).  Idempotent."""
@@ -220,8 +225,8 @@ class EventFanout:
         try:
             self._loop.remove_reader(self._fd)
         finally:
-            if _live.get(id(self._handle)) is self:
-                del _live[id(self._handle)]
+            if _live.get(self._key) is self:
+                del _live[self._key]
             subscriptions = self._all | {s for subs in self._by_port.values() for s in subs}
             self._all.clear()
             self._by_port.clear()
@@ -248,8 +253,6 @@ class EventFanout:
             return
         self.events_read += len(ports)
         for port in ports:
-            if self._closed:  # an unmask failure below may have closed us
-                return
             self._dispatch(port)
 
     def _fail(self, exc: BaseException) -> None:
@@ -273,7 +276,6 @@ class EventFanout:
         self._pending.clear()
         self._held.clear()
         return sorted(self._bound_ports())
-
 
     def _dispatch(self, port: int) -> None:
         takers = self._all.union(self._by_port.get(port, ()))
@@ -317,6 +319,9 @@ class EventFanout:
                         del self._by_port[port]
         else:
             self._all.discard(subscription)
+        if subscription.auto_unmask:
+            # It may be the full subscriber a port is held masked for.
+            self._room_made()
 
 
 class Subscription:

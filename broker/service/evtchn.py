@@ -98,6 +98,17 @@ class EvtchnService(evtchn_pb2_grpc.EvtchnServicer):
 
     def __init__(self, registry: SessionRegistry) -> None:
         self._registry = registry
+        self._ending = False
+
+    def end_streams(self) -> None:
+        """End every Subscribe stream (with OK) and refuse new ones: for a
+        graceful shutdown, call before ``server.stop(grace)`` so that open
+        streams do not hold the grace period up to its end."""
+        self._ending = True
+        for session in self._registry.sessions:
+            state = session.resources.get(STATE_KEY)
+            if state is not None and state.fanout is not None:
+                state.fanout.close()
 
     # ---------------------------------------------------------------- binding
 
@@ -206,6 +217,8 @@ class EvtchnService(evtchn_pb2_grpc.EvtchnServicer):
     ) -> AsyncIterator[evtchn_pb2.Event]:
         session = self._registry.session_for(context)
         operation = "evtchn subscribe"
+        if self._ending:
+            raise BrokerError(errno.EAGAIN, operation, "the broker is shutting down")
         if request.queue_size > MAX_QUEUE_SIZE:
             raise invalid(operation, f"queue size {request.queue_size} is above the broker's maximum of {MAX_QUEUE_SIZE}")
         state = session_state(session)

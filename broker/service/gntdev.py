@@ -537,6 +537,11 @@ class GntdevService(gntdev_pb2_grpc.GntdevServicer):
                 instance.dmabuf_export_wait_released(export.fd.fileno(), 0)
                 break
             except BrokerError as exc:
+                # The instance forgets a buffer once it is released (Linux
+                # unlinks it from exp_list), so a later look-up answers ENOENT:
+                # for a buffer the broker knows it exported, that is "released".
+                if exc.errno == errno.ENOENT:
+                    break
                 if exc.errno != errno.ETIMEDOUT:
                     raise
             remaining = deadline - time.monotonic()

@@ -24,6 +24,11 @@ from grant_broker.uapi.mem_buf import MEM_BUF_MAX_NR_ACL_ENTS
 from grant_broker.v1 import common_pb2, membuf_pb2, membuf_pb2_grpc
 
 
+# No VM lends a client more than this in one piece; anything larger is a
+# mistake (or a sparse-file trick on the emulated backend), refused up front.
+MAX_ALLOC_BYTES = 1 << 36
+
+
 def _acl(op: str, nr_acl_entries: int, entries: Sequence[membuf_pb2.AclEntry]) -> list[AclEntry]:
     if nr_acl_entries != len(entries):
         raise invalid(op, f"nr_acl_entries is {nr_acl_entries} but {len(entries)} ACL entries are given")
@@ -52,8 +57,8 @@ class MemBufService(membuf_pb2_grpc.MemBufServicer):
         session = self.registry.session_for(context)
         acl = _acl(op, request.nr_acl_entries, request.acl_list)
         _reserved_zero(op, reserved0=request.reserved0, reserved1=request.reserved1, reserved2=request.reserved2)
-        if request.size == 0:
-            raise invalid(op, "size is 0")
+        if not 0 < request.size <= MAX_ALLOC_BYTES:
+            raise invalid(op, f"size {request.size} is not between 1 and {MAX_ALLOC_BYTES} bytes")
         fd = session.membuf.alloc(
             request.size,
             acl,

@@ -19,6 +19,7 @@ import socket
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -141,6 +142,7 @@ class BrokerServer:
         self._accept_task: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
         self.registry: SessionRegistry | None = None
+        self._evtchn_service: Any = None
         self._stopped = asyncio.Event()
 
     @property
@@ -203,7 +205,8 @@ class BrokerServer:
         broker_pb2_grpc.add_BrokerServicer_to_server(BrokerService(registry, self._backend.capabilities, admin), server)
         gntdev_pb2_grpc.add_GntdevServicer_to_server(GntdevService(registry), server)
         gntalloc_pb2_grpc.add_GntallocServicer_to_server(GntallocService(registry), server)
-        evtchn_pb2_grpc.add_EvtchnServicer_to_server(EvtchnService(registry), server)
+        self._evtchn_service = EvtchnService(registry)
+        evtchn_pb2_grpc.add_EvtchnServicer_to_server(self._evtchn_service, server)
         membuf_pb2_grpc.add_MemBufServicer_to_server(MemBufService(registry), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -244,6 +247,10 @@ class BrokerServer:
             self._fd_listener.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(fd_channel_path(self.config.socket_path))
+        if self._evtchn_service is not None:
+            # Event streams never end by themselves: end them now so that
+            # they do not hold the grace period up to its last second.
+            self._evtchn_service.end_streams()
         if self._server is not None:
             await self._server.stop(grace)
         if self.registry is not None:
