@@ -116,7 +116,17 @@ class GntallocClient:
 
     def __init__(self, session: "Session") -> None:
         self._session = session
-        self._stub = gntalloc_pb2_grpc.GntallocStub(session.grpc_channel)
+        self._stub_instance: gntalloc_pb2_grpc.GntallocStub | None = None
+
+    @property
+    def _stub(self) -> gntalloc_pb2_grpc.GntallocStub:
+        # Made on first use, and never on a closed session: grpcio (1.85)
+        # hangs or crashes when a stub is built on a closed aio channel.
+        if self._stub_instance is None:
+            if self._session.closed:
+                raise BrokerClientError(errno.EPIPE, "gntalloc", "the session is closed", code=grpc.StatusCode.UNAVAILABLE)
+            self._stub_instance = gntalloc_pb2_grpc.GntallocStub(self._session.grpc_channel)
+        return self._stub_instance
 
     async def share(self, domid: int, count: int, *, writable: bool = True) -> SharedPages:
         """Allocate *count* zeroed pages, grant each to *domid*, and map them here.

@@ -1,10 +1,21 @@
 """Mapping other domains' grants through the broker: ``session.gntdev``.
 
-Map pages another domain granted to yours and use them as a memoryview:
+Example — domain 1 shares a page, domain 2 maps it, each sees the other's
+writes (on the emulated backend, where a session may choose its domain)::
 
->>> async def read_ring(session, domid: int, ref: int) -> bytes:      # doctest: +SKIP
-...     async with await session.gntdev.map([(domid, ref)]) as mapping:
-...         return bytes(mapping.view[:64])
+    import grant_broker_client
+
+    async def share_and_map(socket_path: str) -> None:
+        async with await grant_broker_client.connect(socket_path, domid=1) as sharer, \\
+                   await grant_broker_client.connect(socket_path, domid=2) as mapper:
+            async with await sharer.gntalloc.share(2, 1) as pages:
+                pages.view[0:5] = b"hello"
+                async with await mapper.gntdev.map([(1, pages.refs[0])]) as mapping:
+                    assert bytes(mapping.view[0:5]) == b"hello"
+                    mapping.view[0:5] = b"HELLO"
+                assert bytes(pages.view[0:5]) == b"HELLO"
+
+    # asyncio.run(share_and_map("/run/grant-broker/broker.sock"))
 
 Hand a mapping to a consumer that maps it itself (an X server, a Wayland
 compositor) as one descriptor whose offset 0 is the first page:
@@ -354,6 +365,14 @@ class ExportedDmabuf:
         """Close this process's descriptor (once)."""
         self.fd.close()
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
 
 @dataclass(slots=True)
 class ImportedDmabuf:
@@ -376,8 +395,18 @@ class GntdevClient:
 
     def __init__(self, session: "Session") -> None:
         self._session = session
-        self._stub = gntdev_pb2_grpc.GntdevStub(session.grpc_channel)
+        self._stub_instance: gntdev_pb2_grpc.GntdevStub | None = None
         self._mappings: dict[int, Mapping] = {}
+
+    @property
+    def _stub(self) -> gntdev_pb2_grpc.GntdevStub:
+        # Made on first use, and never on a closed session: grpcio (1.85)
+        # hangs or crashes when a stub is built on a closed aio channel.
+        if self._stub_instance is None:
+            if self._session.closed:
+                raise BrokerClientError(errno.EPIPE, "gntdev", "the session is closed", code=grpc.StatusCode.UNAVAILABLE)
+            self._stub_instance = gntdev_pb2_grpc.GntdevStub(self._session.grpc_channel)
+        return self._stub_instance
 
     # ---------------------------------------------------------------- high level
 

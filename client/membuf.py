@@ -1,13 +1,26 @@
 """Qualcomm mem-buf through the broker: ``session.membuf``.
 
-Share a dma-buf with another VM and import it there:
+Example — VM 0 lends a buffer to VM 1, which imports it by handle (on the
+emulated backend, where a session may choose its VM, and memfds stand for
+dma-bufs)::
 
->>> async def lend(session, dma_buf_fd: int) -> int:                       # doctest: +SKIP
-...     parcel = await session.membuf.export(dma_buf_fd, [(MEM_BUF_VMID_TRUSTED_VM, PERM_RW)])
-...     keep_open(parcel.export_fd)       # closing it takes the memory back
-...     return parcel.handle
->>> async def borrow(session, handle: int) -> OwnedFd:                     # doctest: +SKIP
-...     return await session.membuf.import_(handle, [(MEM_BUF_VMID_TRUSTED_VM, PERM_RW)])
+    import os
+    import grant_broker_client
+    from grant_broker_client.membuf import MEM_BUF_VMID_PRIMARY_VM, MEM_BUF_VMID_TRUSTED_VM, PERM_RW
+
+    async def lend_and_borrow(socket_path: str) -> None:
+        acl = [(MEM_BUF_VMID_TRUSTED_VM, PERM_RW)]
+        async with await grant_broker_client.connect(socket_path, domid=1, vmid=MEM_BUF_VMID_PRIMARY_VM) as lender, \\
+                   await grant_broker_client.connect(socket_path, domid=2, vmid=MEM_BUF_VMID_TRUSTED_VM) as borrower:
+            buffer = os.memfd_create("dma-buf", os.MFD_CLOEXEC)
+            os.ftruncate(buffer, 4096)
+            os.pwrite(buffer, b"lent", 0)
+            parcel = await lender.membuf.export(buffer, acl)     # keep parcel.export_fd open while lent
+            os.close(buffer)
+            with parcel.export_fd, await borrower.membuf.import_(parcel.handle, acl) as imported:
+                assert os.pread(imported.fileno(), 4, 0) == b"lent"
+
+    # asyncio.run(lend_and_borrow("/run/grant-broker/broker.sock"))
 
 ACL entries are :class:`AclEntry` or ``(vmid, perms)`` pairs; perms are
 ``MEM_BUF_PERM_FLAG_*`` bits.  An ACL that does not match the export is
@@ -16,8 +29,11 @@ refused with INVALID_ARGUMENT (EINVAL).
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, NamedTuple
+
+import grpc
 
 from grant_broker.backend.contract import AclEntry
 from grant_broker.fds import OwnedFd
@@ -29,6 +45,7 @@ from grant_broker.uapi.mem_buf import (
     MEM_BUF_VMID_TRUSTED_VM,
 )
 from grant_broker.v1 import common_pb2, membuf_pb2, membuf_pb2_grpc
+from grant_broker_client.errors import BrokerClientError
 
 if TYPE_CHECKING:
     from grant_broker_client.session import Session
@@ -72,7 +89,17 @@ class MemBufClient:
 
     def __init__(self, session: "Session") -> None:
         self._session = session
-        self._stub = membuf_pb2_grpc.MemBufStub(session.grpc_channel)
+        self._stub_instance: membuf_pb2_grpc.MemBufStub | None = None
+
+    @property
+    def _stub(self) -> membuf_pb2_grpc.MemBufStub:
+        # Made on first use, and never on a closed session: grpcio (1.85)
+        # hangs or crashes when a stub is built on a closed aio channel.
+        if self._stub_instance is None:
+            if self._session.closed:
+                raise BrokerClientError(errno.EPIPE, "mem-buf", "the session is closed", code=grpc.StatusCode.UNAVAILABLE)
+            self._stub_instance = membuf_pb2_grpc.MemBufStub(self._session.grpc_channel)
+        return self._stub_instance
 
     async def alloc(
         self,

@@ -23,10 +23,12 @@ What the broker adds to the kernel interface, and why:
   is either bytes inline in the messages or a client memfd registered once and
   mapped by the broker.  The memfd must be sealed against shrinking: a client
   that truncated a mapped file under the broker would crash it with SIGBUS.
-* **dma-buf names.**  The C interface names an exported dma-buf by an fd of
-  the exporting process.  The broker keeps one such fd per export and gives
-  the client a ``dmabuf_id`` instead; see :class:`_Export` for why the broker's
-  own fd is not counted as a user.
+* **dma-buf names.**  The C interface names an exported or imported dma-buf
+  by an fd number of the process that made the ioctl — the broker.  Clients
+  get a ``dmabuf_id`` instead; the broker keeps the numbers (see
+  :class:`_Export` for how it keeps an export's number without being a user
+  of the buffer).  WaitReleased polls with timeout 0 and sleeps on the event
+  loop in between, so a long wait blocks nobody.
 """
 
 from __future__ import annotations
@@ -190,14 +192,15 @@ class _Export:
     """A dma-buf exported for the client.
 
     The C interface names an exported buffer, in wait-released, by the fd
-    number the export returned to the exporting process (Linux looks it up in
-    the exporter's fd table; the emulated gntdev by the number).  The broker
-    must therefore keep that number — but not the buffer: a descriptor of the
-    dma-buf in the broker would be a user of it, and the wait would never end.
-    So once the client has its copy, :func:`reserve_number` points the number
-    at ``/dev/null``: the buffer's only users are then the client and whoever
-    it passed the buffer to, and the number cannot be recycled by another
-    export of the session and confuse the lookup.
+    number the export returned: Linux records the number (``gntdev_dmabuf->fd``)
+    and looks the buffer up by it, never through the fd table, and so does the
+    emulated gntdev.  The broker must keep that number — but not the buffer: a
+    descriptor of the dma-buf in the broker would be a user of it, and the wait
+    would never end.  So once the client has its copy, :func:`reserve_number`
+    points the number at ``/dev/null``: the buffer's only users are then the
+    client and whoever it passed the buffer to, and the number cannot be
+    handed out again by a later export of the session, which would make the
+    look-up find the wrong buffer.
     """
 
     fd: OwnedFd  # the export's number, reserved

@@ -322,13 +322,59 @@ async def test_session_release_returns_the_brokers_descriptors(broker: InProcess
     with OwnedFd(os.memfd_create("imp", os.MFD_CLOEXEC)) as memfd:
         os.ftruncate(memfd.fileno(), PAGE_SIZE)
         await mapper.gntdev.dmabuf_import(memfd, SHARER, 1)
+        parcel = await sharer.membuf.export(memfd, [(1, 3)])
+    lent = await sharer.membuf.alloc(PAGE_SIZE, [(0, 3)])
     assert open_fd_count() > baseline
     # Drop everything without giving it back one by one: the sessions end.
     await mapping.aclose()
     await buffer.aclose()
     grant_fd.fd.close()
     exported.close()
+    parcel.export_fd.close()
+    lent.close()
     await mapper.close()
     await pages.aclose()
     await sharer.close()
     assert await settle() == baseline
+
+
+async def test_sdk_calls_on_a_closed_session_fail_fast(broker: InProcessBroker) -> None:
+    session = await grant_broker_client.connect(broker.socket_path, domid=MAPPER)
+    await session.close()
+    calls = (
+        lambda: session.gntdev.map_grant_refs([(SHARER, 8)]),
+        lambda: session.gntalloc.share(SHARER, 1),
+        lambda: session.membuf.import_(1, [(1, 3)]),
+    )
+    for call in calls:
+        with pytest.raises(BrokerClientError) as raised:
+            await asyncio.wait_for(call(), 5)
+        assert raised.value.errno == errno.EPIPE and raised.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_closing_a_mapping_after_its_session_unmaps_locally(sharer: Session, broker: InProcessBroker) -> None:
+    async with await sharer.gntalloc.share(MAPPER, 1) as pages:
+        mapper = await grant_broker_client.connect(broker.socket_path, domid=MAPPER)
+        mapping = await mapper.gntdev.map([(SHARER, pages.refs[0])])
+        await mapper.close()  # the broker gives the mapping back
+        await mapping.aclose()  # nothing left to tell the broker
+        assert mapping.closed
+
+
+def docstring_example(module: object, function: str) -> object:
+    """The example program of *module*'s docstring (the ``::`` block), compiled."""
+    import textwrap
+
+    doc = module.__doc__ or ""
+    block = doc.split("::\n\n", 1)[1].split("\n    # asyncio.run", 1)[0]
+    namespace: dict[str, object] = {}
+    exec(compile(textwrap.dedent(block), f"<{module.__name__} docstring>", "exec"), namespace)  # type: ignore[attr-defined]
+    return namespace[function]
+
+
+async def test_the_sdk_docstring_examples_run(broker: InProcessBroker) -> None:
+    import grant_broker_client.gntdev
+    import grant_broker_client.membuf
+
+    await docstring_example(grant_broker_client.gntdev, "share_and_map")(broker.socket_path)  # type: ignore[operator]
+    await docstring_example(grant_broker_client.membuf, "lend_and_borrow")(broker.socket_path)  # type: ignore[operator]
