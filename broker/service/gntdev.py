@@ -325,9 +325,10 @@ class GntdevService(gntdev_pb2_grpc.GntdevServicer):
         op = "gntdev unmap grant refs"
         session = self.registry.session_for(context)
         state = gntdev_state(session)
-        mapping = _mapping_at(op, state, request.index, request.count)
+        # The backend answers bad indexes and counts with the kernel's own
+        # errno (ENOENT; a count of 0 matches any size), so ask it first.
         session.gntdev.unmap_grant_ref(request.index, request.count)
-        del state.mappings[request.index]
+        mapping = state.mappings.pop(request.index)
         if mapping.fresh is not None:
             mapping.fresh.close()
         session.usage.mappings -= 1

@@ -120,8 +120,8 @@ class Session:
         self.created = time.monotonic()
         self.usage = Usage()
         self.closed = asyncio.Event()
-        # Per-service state, owned by the servicer that created it; each value
-        # has a close()/release() the session calls on release.
+        # Per-service state, owned by the servicer that created it; the
+        # servicer registers its release with on_release().
         self.resources: dict[str, Any] = {}
         self._gntdev: GntdevInstance | None = None
         self._gntalloc: GntallocInstance | None = None
@@ -146,26 +146,35 @@ class Session:
     @property
     def gntdev(self) -> GntdevInstance:
         if self._gntdev is None:
+            self._check_live()
             self._gntdev = self.backend.open_gntdev()
         return self._gntdev
 
     @property
     def gntalloc(self) -> GntallocInstance:
         if self._gntalloc is None:
+            self._check_live()
             self._gntalloc = self.backend.open_gntalloc()
         return self._gntalloc
 
     @property
     def evtchn(self) -> EvtchnHandle:
         if self._evtchn is None:
+            self._check_live()
             self._evtchn = self.backend.open_evtchn()
         return self._evtchn
 
     @property
     def membuf(self) -> MemBufDevice:
         if self._membuf is None:
+            self._check_live()
             self._membuf = self.backend.open_membuf()
         return self._membuf
+
+    def _check_live(self) -> None:
+        # A released session must not open devices that nobody would close.
+        if self.closed.is_set():
+            raise BrokerError(errno.EPIPE, "session", f"session {self.id} has ended")
 
     def on_release(self, cleanup: Callable[[], object]) -> None:
         """Run *cleanup* when the session is released (last registered runs first)."""

@@ -98,7 +98,7 @@ CASES = [
     Case("map-domid-over-16-bits", G, "MapGrantRef",
          lambda t: gntdev_pb2.MapGrantRefRequest(count=1, refs=[ref(domid=70000)]), INVALID, errno.EINVAL, "domid_t"),
     Case("unmap-unknown-index", G, "UnmapGrantRef", lambda t: gntdev_pb2.UnmapGrantRefRequest(index=4096, count=1),
-         INVALID, errno.EINVAL, "no mapping starts at index 4096"),
+         NOT_FOUND, errno.ENOENT, "no mapping of 1 grants at index 0x1000"),  # gntdev_ioctl_unmap_grant_ref: ENOENT
     Case("map-memory-unknown-index", G, "MapMemory", lambda t: gntdev_pb2.MapMemoryRequest(index=0, count=1),
          INVALID, errno.EINVAL, "no mapping starts at index 0"),
     Case("map-memory-fresh-unknown-index", G, "MapMemory",
