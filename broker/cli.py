@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import string
 import sys
 from collections.abc import Awaitable, Callable
@@ -227,6 +226,8 @@ async def cmd_map(args: argparse.Namespace) -> int:
 
 
 async def cmd_watch(args: argparse.Namespace) -> int:
+    from grant_broker_client.evtchn import EventsLost
+
     session = await _session(args, None)
     async with session:
         if args.remote_port is None:
@@ -241,10 +242,16 @@ async def cmd_watch(args: argparse.Namespace) -> int:
         async with await session.evtchn.subscribe([port]) as events:
             async for event in events:
                 seen += 1
-                if args.json:
-                    _print_json({"event": type(event).__name__, **vars(event)})
+                if isinstance(event, EventsLost):
+                    record = {"event": "lost", "count": event.count}
+                    text = f"{event.count} event(s) lost (this watcher fell behind)"
                 else:
-                    print(event, flush=True)
+                    record = {"event": "fired", "port": event.port}
+                    text = f"port {event.port} fired"
+                if args.json:
+                    _print_json(record)
+                else:
+                    print(text, flush=True)
                 if args.count and seen >= args.count:
                     break
     return EXIT_OK
