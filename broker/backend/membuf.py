@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from grant_broker.backend.contract import PAGE_SIZE, AclEntry, MemBufAbi, MemBufDevice, MemparcelExport
+from grant_broker.backend.membuf_acl import U32_MAX, check_acl_count, check_acl_entries, membuf_error, vmid_name
 from grant_broker.errors import BrokerError, errno_name
 from grant_broker.fds import OwnedFd
 from grant_broker.uapi.ioctl import _IOWR
@@ -59,10 +60,6 @@ from grant_broker.uapi.mem_buf import (
     MEM_BUF_IOC_IMPORT,
     MEM_BUF_IOC_MAGIC,
     MEM_BUF_MAX_MEM_TYPE,
-    MEM_BUF_MAX_NR_ACL_ENTS,
-    MEM_BUF_PERM_VALID_FLAGS,
-    MEM_BUF_VMID_PRIMARY_VM,
-    MEM_BUF_VMID_TRUSTED_VM,
     acl_list_for,
     mem_buf_alloc_ioctl_arg,
     mem_buf_export_ioctl_arg,
@@ -72,8 +69,6 @@ from grant_broker.uapi.mem_buf import (
 
 __all__ = ["MemBufProbe", "RealMemBufDevice", "probe_abi", "probe_device"]
 
-_VMIDS = {MEM_BUF_VMID_PRIMARY_VM: "MEM_BUF_VMID_PRIMARY_VM", MEM_BUF_VMID_TRUSTED_VM: "MEM_BUF_VMID_TRUSTED_VM"}
-_U32_MAX = 0xFFFF_FFFF
 _U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 _INT_MAX = 0x7FFF_FFFF
 
@@ -214,39 +209,16 @@ def probe_abi(path: str = DEVICE_PATH) -> MemBufAbi:
 # --------------------------------------------------------------------------- validation
 
 
-def _error(code: int, operation: str, detail: str) -> BrokerError:
-    return BrokerError(code, f"mem-buf {operation}", detail)
 
 
-def _vmid_name(vmid: int) -> str:
-    return f"vmid {vmid} ({_VMIDS[vmid]})" if vmid in _VMIDS else f"vmid {vmid}"
 
 
 def _describe_acl(acl: Sequence[AclEntry]) -> str:
-    return "ACL [" + ", ".join(f"{_vmid_name(e.vmid)}: perms {e.perms:#x}" for e in acl) + "]"
+    return "ACL [" + ", ".join(f"{vmid_name(e.vmid)}: perms {e.perms:#x}" for e in acl) + "]"
 
 
-def _check_acl_count(acl: Sequence[AclEntry], operation: str) -> None:
-    if not 1 <= len(acl) <= MEM_BUF_MAX_NR_ACL_ENTS:
-        raise _error(
-            errno.EINVAL, operation, f"an ACL needs 1..{MEM_BUF_MAX_NR_ACL_ENTS} entries, got {len(acl)}"
-        )
 
 
-def _check_acl_entries(acl: Sequence[AclEntry], operation: str) -> None:
-    for index, entry in enumerate(acl):
-        if entry.vmid not in _VMIDS:
-            names = " or ".join(f"{name} ({vmid})" for vmid, name in _VMIDS.items())
-            raise _error(errno.EINVAL, operation, f"acl[{index}]: vmid {entry.vmid} is not {names}")
-        if not 0 <= entry.perms <= _U32_MAX or entry.perms & ~MEM_BUF_PERM_VALID_FLAGS:
-            raise _error(
-                errno.EINVAL, operation,
-                f"acl[{index}] ({_vmid_name(entry.vmid)}): perms {entry.perms:#x} has bits outside "
-                f"MEM_BUF_PERM_VALID_FLAGS ({MEM_BUF_PERM_VALID_FLAGS:#x})",
-            )
-        if entry.perms == 0:
-            # The driver passes an empty grant on to the resource manager; the contract refuses it.
-            raise _error(errno.EINVAL, operation, f"acl[{index}] ({_vmid_name(entry.vmid)}): perms 0 grants nothing")
 
 
 def _type_data(mem_type: int, heap_id: int) -> mem_buf_ion_data:
@@ -268,14 +240,14 @@ _ROLES = {"alloc": "consumer", "export": "supplier", "import": "consumer"}
 def _failure(exc: OSError, operation: str, detail: str) -> BrokerError:
     code = exc.errno or errno.EIO
     if code == KERNEL_ENOTSUPP:
-        return _error(
+        return membuf_error(
             errno.EOPNOTSUPP, operation,
             f"{detail}: the driver answered ENOTSUPP (524): this VM's mem-buf is not a {_ROLES[operation]} "
             "(device tree qcom,mem-buf-capabilities)",
         )
     if code == errno.EINVAL:
-        return _error(code, operation, f"{detail}: {_EINVAL_HINTS[operation]}")
-    return _error(code, operation, detail)
+        return membuf_error(code, operation, f"{detail}: {_EINVAL_HINTS[operation]}")
+    return membuf_error(code, operation, detail)
 
 
 # --------------------------------------------------------------------------- the device
@@ -334,7 +306,7 @@ class RealMemBufDevice(MemBufDevice):
         """The device descriptor, kept open until the block ends."""
         with self._lock:
             if self._closing:
-                raise _error(errno.EBADF, operation, f"the device {self.path} is closed")
+                raise membuf_error(errno.EBADF, operation, f"the device {self.path} is closed")
             self._busy += 1
         try:
             yield self._fd.fileno()
@@ -364,7 +336,7 @@ class RealMemBufDevice(MemBufDevice):
             os.set_inheritable(raw, False)  # the driver asks for O_CLOEXEC; make sure
         except OSError as exc:
             fd.detach()  # not a descriptor of ours: never close it
-            raise _error(
+            raise membuf_error(
                 errno.EPROTO, operation, f"{detail}: the driver returned {what} {raw}, which is not open"
             ) from exc
         return fd
@@ -383,20 +355,20 @@ class RealMemBufDevice(MemBufDevice):
     ) -> OwnedFd:
         op = "alloc"
         if not 0 < size <= _U64_MAX:
-            raise _error(errno.EINVAL, op, f"size {size} must be positive and fit in a __u64")
+            raise membuf_error(errno.EINVAL, op, f"size {size} must be positive and fit in a __u64")
         if size % PAGE_SIZE:
-            raise _error(errno.EINVAL, op, f"size {size} is not a multiple of the page size ({PAGE_SIZE})")
-        _check_acl_count(acl, op)
+            raise membuf_error(errno.EINVAL, op, f"size {size} is not a multiple of the page size ({PAGE_SIZE})")
+        check_acl_count(acl, op)
         for name, mem_type in (("src_mem_type", src_mem_type), ("dst_mem_type", dst_mem_type)):
             if not 0 <= mem_type < MEM_BUF_MAX_MEM_TYPE:
-                raise _error(
+                raise membuf_error(
                     errno.EINVAL, op,
                     f"{name} {mem_type} is not below MEM_BUF_MAX_MEM_TYPE ({int(MEM_BUF_MAX_MEM_TYPE)})",
                 )
         for name, heap_id in (("src_heap_id", src_heap_id), ("dst_heap_id", dst_heap_id)):
-            if not 0 <= heap_id <= _U32_MAX:
-                raise _error(errno.EINVAL, op, f"{name} {heap_id} does not fit in a __u32")
-        _check_acl_entries(acl, op)
+            if not 0 <= heap_id <= U32_MAX:
+                raise membuf_error(errno.EINVAL, op, f"{name} {heap_id} does not fit in a __u32")
+        check_acl_entries(acl, op)
 
         acl_list = acl_list_for((entry.vmid, entry.perms) for entry in acl)
         src_data = _type_data(src_mem_type, src_heap_id)
@@ -416,16 +388,16 @@ class RealMemBufDevice(MemBufDevice):
 
     def export(self, dma_buf_fd: int, acl: Sequence[AclEntry]) -> MemparcelExport:
         op = "export"
-        _check_acl_count(acl, op)
+        check_acl_count(acl, op)
         # The driver looks the dma-buf up (dma_buf_get: EBADF) before it reads
         # the entries; the contract keeps that order.
         if not 0 <= dma_buf_fd <= _INT_MAX:
-            raise _error(errno.EBADF, op, f"fd {dma_buf_fd} is not a descriptor")
+            raise membuf_error(errno.EBADF, op, f"fd {dma_buf_fd} is not a descriptor")
         try:
             os.fstat(dma_buf_fd)
         except OSError as exc:
-            raise _error(errno.EBADF, op, f"fd {dma_buf_fd} is not open") from exc
-        _check_acl_entries(acl, op)
+            raise membuf_error(errno.EBADF, op, f"fd {dma_buf_fd} is not open") from exc
+        check_acl_entries(acl, op)
 
         acl_list = acl_list_for((entry.vmid, entry.perms) for entry in acl)
         arg = mem_buf_export_ioctl_arg(
@@ -438,10 +410,10 @@ class RealMemBufDevice(MemBufDevice):
 
     def import_memparcel(self, memparcel_hdl: int, acl: Sequence[AclEntry]) -> OwnedFd:
         op = "import"
-        if not 0 <= memparcel_hdl <= _U32_MAX:
-            raise _error(errno.EINVAL, op, f"memparcel handle {memparcel_hdl} does not fit in a __u32")
-        _check_acl_count(acl, op)
-        _check_acl_entries(acl, op)
+        if not 0 <= memparcel_hdl <= U32_MAX:
+            raise membuf_error(errno.EINVAL, op, f"memparcel handle {memparcel_hdl} does not fit in a __u32")
+        check_acl_count(acl, op)
+        check_acl_entries(acl, op)
 
         acl_list = acl_list_for((entry.vmid, entry.perms) for entry in acl)
         arg = mem_buf_import_ioctl_arg(

@@ -43,23 +43,23 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from grant_broker.backend.contract import PAGE_SIZE, AclEntry, MemBufAbi, MemBufDevice, MemparcelExport
+from grant_broker.backend.membuf_acl import (
+    U32_MAX,
+    check_acl_count,
+    check_acl_entries,
+    membuf_error,
+)
 from grant_broker.errors import BrokerError
 from grant_broker.fds import OwnedFd
 from grant_broker.uapi.mem_buf import (
     MEM_BUF_MAX_MEM_TYPE,
-    MEM_BUF_MAX_NR_ACL_ENTS,
     MEM_BUF_PERM_FLAG_WRITE,
-    MEM_BUF_PERM_VALID_FLAGS,
-    MEM_BUF_VMID_PRIMARY_VM,
-    MEM_BUF_VMID_TRUSTED_VM,
 )
 
 from .evtchn import PipeWatch
 
 __all__ = ["EmulatedMemBufDevice", "MemparcelRegistry"]
 
-_VMIDS = {MEM_BUF_VMID_PRIMARY_VM: "MEM_BUF_VMID_PRIMARY_VM", MEM_BUF_VMID_TRUSTED_VM: "MEM_BUF_VMID_TRUSTED_VM"}
-_U32_MAX = 0xFFFF_FFFF
 _U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
 
@@ -67,32 +67,10 @@ class _Hypervisor(Protocol):
     memparcels: MemparcelRegistry
 
 
-def _error(code: int, operation: str, detail: str) -> BrokerError:
-    return BrokerError(code, f"mem-buf {operation}", detail)
 
 
-def _check_acl_count(acl: Sequence[AclEntry], operation: str) -> None:
-    if not 1 <= len(acl) <= MEM_BUF_MAX_NR_ACL_ENTS:
-        raise _error(
-            errno.EINVAL, operation, f"an ACL needs 1..{MEM_BUF_MAX_NR_ACL_ENTS} entries, got {len(acl)}"
-        )
 
 
-def _check_acl_entries(acl: Sequence[AclEntry], operation: str) -> frozenset[tuple[int, int]]:
-    """Each entry as the driver converts it; returns the ACL as a set of (vmid, perms)."""
-    for index, entry in enumerate(acl):
-        if entry.vmid not in _VMIDS:
-            names = " or ".join(f"{name} ({vmid})" for vmid, name in _VMIDS.items())
-            raise _error(errno.EINVAL, operation, f"acl[{index}]: vmid {entry.vmid} is not {names}")
-        if not 0 <= entry.perms <= _U32_MAX or entry.perms & ~MEM_BUF_PERM_VALID_FLAGS:
-            raise _error(
-                errno.EINVAL, operation,
-                f"acl[{index}] (vmid {entry.vmid}): perms {entry.perms:#x} has bits outside "
-                f"MEM_BUF_PERM_VALID_FLAGS ({MEM_BUF_PERM_VALID_FLAGS:#x})",
-            )
-        if entry.perms == 0:
-            raise _error(errno.EINVAL, operation, f"acl[{index}] (vmid {entry.vmid}): perms 0 grants nothing")
-    return frozenset((entry.vmid, entry.perms) for entry in acl)
 
 
 def _describe(acl: frozenset[tuple[int, int]]) -> str:
@@ -146,29 +124,29 @@ class MemparcelRegistry:
 
     def _export(self, exporter_vmid: int, dma_buf_fd: int, acl: Sequence[AclEntry]) -> MemparcelExport:
         op = "export"
-        _check_acl_count(acl, op)
+        check_acl_count(acl, op)
         try:
             st = os.fstat(dma_buf_fd)
         except (OSError, OverflowError) as exc:
-            raise _error(errno.EBADF, op, f"fd {dma_buf_fd} is not open") from exc
+            raise membuf_error(errno.EBADF, op, f"fd {dma_buf_fd} is not open") from exc
         if not stat.S_ISREG(st.st_mode) or not _is_shmem(dma_buf_fd):
-            raise _error(
+            raise membuf_error(
                 errno.EINVAL, op,
                 f"fd {dma_buf_fd} is not a dma-buf (the emulation takes shmem descriptors such as memfds)",
             )
         if st.st_size == 0:
-            raise _error(errno.EINVAL, op, f"dma-buf fd {dma_buf_fd} is empty")
-        acl_set = _check_acl_entries(acl, op)
+            raise membuf_error(errno.EINVAL, op, f"dma-buf fd {dma_buf_fd} is empty")
+        acl_set = check_acl_entries(acl, op)
         with self._lock:
             self._sweep()
             if self._closed:
-                raise _error(errno.ENODEV, op, "the emulated hypervisor is closed")
+                raise membuf_error(errno.ENODEV, op, "the emulated hypervisor is closed")
             inode = (st.st_dev, st.st_ino)
             for parcel in self._parcels.values():
                 if parcel.inode == inode:
                     # The memory is already assigned to other VMs; hyp-assigning
                     # it again from HLOS fails in the real driver.
-                    raise _error(
+                    raise membuf_error(
                         errno.EINVAL, op, f"fd {dma_buf_fd} is already exported as memparcel {parcel.hdl:#x}"
                     )
             memory = OwnedFd(os.dup(dma_buf_fd))
@@ -187,14 +165,14 @@ class MemparcelRegistry:
 
     def _import(self, importer_vmid: int, memparcel_hdl: int, acl: Sequence[AclEntry]) -> OwnedFd:
         op = "import"
-        _check_acl_count(acl, op)
-        acl_set = _check_acl_entries(acl, op)
+        check_acl_count(acl, op)
+        acl_set = check_acl_entries(acl, op)
         with self._lock:
             self._sweep()
             parcel = self._parcels.get(memparcel_hdl)
             if parcel is None:
                 # RM: HANDLE_INVALID / MEM_RELEASED -> gh_rm_remap_error -> EINVAL
-                raise _error(
+                raise membuf_error(
                     errno.EINVAL, op,
                     f"memparcel {memparcel_hdl:#x} is unknown or revoked (its export fd was closed)",
                 )
@@ -203,13 +181,13 @@ class MemparcelRegistry:
                 if vmid == importer_vmid:
                     perms |= entry_perms
             if not perms:
-                raise _error(
+                raise membuf_error(
                     errno.EINVAL, op,
                     f"memparcel {memparcel_hdl:#x} is not shared with VM {importer_vmid}: {_describe(parcel.acl)}",
                 )
             if acl_set != parcel.acl:
                 # MEM_ACCEPT with VALIDATE_ACL_ATTRS: the ACL must be the memparcel's.
-                raise _error(
+                raise membuf_error(
                     errno.EINVAL, op,
                     f"ACL {_describe(acl_set)} does not match memparcel {memparcel_hdl:#x}'s {_describe(parcel.acl)}",
                 )
@@ -229,7 +207,7 @@ class MemparcelRegistry:
         # Handles are nonzero u32s; never reuse one while it is live.
         hdl = self._last_hdl
         while True:
-            hdl = hdl % _U32_MAX + 1
+            hdl = hdl % U32_MAX + 1
             if hdl not in self._parcels:
                 self._last_hdl = hdl
                 return hdl
@@ -275,7 +253,7 @@ class EmulatedMemBufDevice(MemBufDevice):
 
     def _check_open(self, operation: str) -> None:
         if self._closed:
-            raise _error(errno.EBADF, operation, "the device is closed")
+            raise membuf_error(errno.EBADF, operation, "the device is closed")
 
     def alloc(
         self,
@@ -290,19 +268,19 @@ class EmulatedMemBufDevice(MemBufDevice):
         op = "alloc"
         self._check_open(op)
         if not 0 < size <= _U64_MAX:
-            raise _error(errno.EINVAL, op, f"size {size} must be positive")
+            raise membuf_error(errno.EINVAL, op, f"size {size} must be positive")
         if size % PAGE_SIZE:
-            raise _error(errno.EINVAL, op, f"size {size} is not a multiple of the page size ({PAGE_SIZE})")
-        _check_acl_count(acl, op)
+            raise membuf_error(errno.EINVAL, op, f"size {size} is not a multiple of the page size ({PAGE_SIZE})")
+        check_acl_count(acl, op)
         for name, mem_type in (("src_mem_type", src_mem_type), ("dst_mem_type", dst_mem_type)):
             if not 0 <= mem_type < MEM_BUF_MAX_MEM_TYPE:
-                raise _error(
+                raise membuf_error(
                     errno.EINVAL, op, f"{name} {mem_type} is not below MEM_BUF_MAX_MEM_TYPE ({MEM_BUF_MAX_MEM_TYPE})"
                 )
         for name, heap_id in (("src_heap_id", src_heap_id), ("dst_heap_id", dst_heap_id)):
-            if not 0 <= heap_id <= _U32_MAX:
-                raise _error(errno.EINVAL, op, f"{name} {heap_id} does not fit in a __u32")
-        _check_acl_entries(acl, op)
+            if not 0 <= heap_id <= U32_MAX:
+                raise membuf_error(errno.EINVAL, op, f"{name} {heap_id} does not fit in a __u32")
+        check_acl_entries(acl, op)
         fd = OwnedFd(os.memfd_create(f"mem-buf alloc vm{self.vmid}", os.MFD_CLOEXEC))
         try:
             os.ftruncate(fd.fileno(), size)
@@ -317,8 +295,8 @@ class EmulatedMemBufDevice(MemBufDevice):
 
     def import_memparcel(self, memparcel_hdl: int, acl: Sequence[AclEntry]) -> OwnedFd:
         self._check_open("import")
-        if not 0 <= memparcel_hdl <= _U32_MAX:
-            raise _error(errno.EINVAL, "import", f"memparcel handle {memparcel_hdl} does not fit in a __u32")
+        if not 0 <= memparcel_hdl <= U32_MAX:
+            raise membuf_error(errno.EINVAL, "import", f"memparcel handle {memparcel_hdl} does not fit in a __u32")
         return self._registry._import(self.vmid, memparcel_hdl, acl)
 
     @property

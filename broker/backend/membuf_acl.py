@@ -1,0 +1,58 @@
+"""The mem-buf ACL rules of the backend contract, shared by every mem-buf backend.
+
+The legacy driver (``validate_ioctl_arg`` / ``mem_buf_acl_to_vmid_perms_list``)
+takes 1..``MEM_BUF_MAX_NR_ACL_ENTS`` entries, VMIDs it knows and perms within
+``MEM_BUF_PERM_VALID_FLAGS``; the contract also refuses perms of 0, which the
+driver would pass on to the resource manager.  Every violation is EINVAL with
+a detail naming the entry.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+
+from grant_broker.backend.contract import AclEntry
+from grant_broker.errors import BrokerError
+from grant_broker.uapi.mem_buf import (
+    MEM_BUF_MAX_NR_ACL_ENTS,
+    MEM_BUF_PERM_VALID_FLAGS,
+    MEM_BUF_VMID_PRIMARY_VM,
+    MEM_BUF_VMID_TRUSTED_VM,
+)
+
+VMID_NAMES = {MEM_BUF_VMID_PRIMARY_VM: "MEM_BUF_VMID_PRIMARY_VM", MEM_BUF_VMID_TRUSTED_VM: "MEM_BUF_VMID_TRUSTED_VM"}
+U32_MAX = 0xFFFF_FFFF
+
+
+def membuf_error(code: int, operation: str, detail: str) -> BrokerError:
+    return BrokerError(code, f"mem-buf {operation}", detail)
+
+
+def vmid_name(vmid: int) -> str:
+    return f"vmid {vmid} ({VMID_NAMES[vmid]})" if vmid in VMID_NAMES else f"vmid {vmid}"
+
+
+def check_acl_count(acl: Sequence[AclEntry], operation: str) -> None:
+    if not 1 <= len(acl) <= MEM_BUF_MAX_NR_ACL_ENTS:
+        raise membuf_error(
+            errno.EINVAL, operation, f"an ACL needs 1..{MEM_BUF_MAX_NR_ACL_ENTS} entries, got {len(acl)}"
+        )
+
+
+def check_acl_entries(acl: Sequence[AclEntry], operation: str) -> frozenset[tuple[int, int]]:
+    """Check each entry; return the ACL as a set of ``(vmid, perms)``."""
+    for index, entry in enumerate(acl):
+        if entry.vmid not in VMID_NAMES:
+            names = " or ".join(f"{name} ({vmid})" for vmid, name in VMID_NAMES.items())
+            raise membuf_error(errno.EINVAL, operation, f"acl[{index}]: vmid {entry.vmid} is not {names}")
+        if not 0 <= entry.perms <= U32_MAX or entry.perms & ~MEM_BUF_PERM_VALID_FLAGS:
+            raise membuf_error(
+                errno.EINVAL,
+                operation,
+                f"acl[{index}] ({vmid_name(entry.vmid)}): perms {entry.perms:#x} has bits outside "
+                f"MEM_BUF_PERM_VALID_FLAGS ({MEM_BUF_PERM_VALID_FLAGS:#x})",
+            )
+        if entry.perms == 0:
+            raise membuf_error(errno.EINVAL, operation, f"acl[{index}] ({vmid_name(entry.vmid)}): perms 0 grants nothing")
+    return frozenset((entry.vmid, entry.perms) for entry in acl)
