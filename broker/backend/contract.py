@@ -512,6 +512,11 @@ class MemBufDevice(_Closeable):
     (export, import, alloc) outlive the device.
     """
 
+    #: The operations wait inside the driver for the remote VM or the resource
+    #: manager (seconds, on real hardware): callers serving an event loop run
+    #: them in a worker thread.
+    blocking: bool = False
+
     @property
     @abc.abstractmethod
     def abi(self) -> MemBufAbi:

@@ -263,6 +263,8 @@ class RealMemBufDevice(MemBufDevice):
     run them in a thread.
     """
 
+    blocking = True
+
     def __init__(self, fd: OwnedFd, probe: MemBufProbe) -> None:
         """Take ownership of *fd*, which :func:`probe_device` identified as *probe*.
 

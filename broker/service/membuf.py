@@ -12,15 +12,18 @@ descriptors handed out by this session.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import functools
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import grpc
 
-from grant_broker.backend.contract import AclEntry
+from grant_broker.backend.contract import AclEntry, MemBufDevice
+from grant_broker.backend.membuf_acl import check_acl_count
 from grant_broker.service.gntdev import ensure_live, send_owned
 from grant_broker.service.session import SessionRegistry
 from grant_broker.service.status import invalid, rpc
-from grant_broker.uapi.mem_buf import MEM_BUF_MAX_NR_ACL_ENTS
 from grant_broker.v1 import common_pb2, membuf_pb2, membuf_pb2_grpc
 
 
@@ -32,9 +35,19 @@ MAX_ALLOC_BYTES = 1 << 36
 def _acl(op: str, nr_acl_entries: int, entries: Sequence[membuf_pb2.AclEntry]) -> list[AclEntry]:
     if nr_acl_entries != len(entries):
         raise invalid(op, f"nr_acl_entries is {nr_acl_entries} but {len(entries)} ACL entries are given")
-    if not 1 <= len(entries) <= MEM_BUF_MAX_NR_ACL_ENTS:
-        raise invalid(op, f"an ACL needs 1..{MEM_BUF_MAX_NR_ACL_ENTS} entries, got {len(entries)}")
-    return [AclEntry(entry.vmid, entry.perms) for entry in entries]
+    acl = [AclEntry(entry.vmid, entry.perms) for entry in entries]
+    check_acl_count(acl, op)
+    return acl
+
+
+_Result = TypeVar("_Result")
+
+
+async def _on_device(device: MemBufDevice, call: Callable[[], _Result]) -> _Result:
+    # A real driver waits for the remote VM inside the ioctl: keep the loop serving.
+    if device.blocking:
+        return await asyncio.to_thread(call)
+    return call()
 
 
 def _reserved_zero(op: str, **fields: int) -> None:
@@ -59,13 +72,18 @@ class MemBufService(membuf_pb2_grpc.MemBufServicer):
         _reserved_zero(op, reserved0=request.reserved0, reserved1=request.reserved1, reserved2=request.reserved2)
         if not 0 < request.size <= MAX_ALLOC_BYTES:
             raise invalid(op, f"size {request.size} is not between 1 and {MAX_ALLOC_BYTES} bytes")
-        fd = session.membuf.alloc(
-            request.size,
-            acl,
-            src_mem_type=request.src_mem_type,
-            src_heap_id=request.src_data.heap_id,
-            dst_mem_type=request.dst_mem_type,
-            dst_heap_id=request.dst_data.heap_id,
+        device = session.membuf
+        fd = await _on_device(
+            device,
+            functools.partial(
+                device.alloc,
+                request.size,
+                acl,
+                src_mem_type=request.src_mem_type,
+                src_heap_id=request.src_data.heap_id,
+                dst_mem_type=request.dst_mem_type,
+                dst_heap_id=request.dst_data.heap_id,
+            ),
         )
         session.usage.membufs += 1
         transfer = await send_owned(session, [fd])
@@ -86,7 +104,8 @@ class MemBufService(membuf_pb2_grpc.MemBufServicer):
             ensure_live(session, op)
             acl = _acl(op, request.nr_acl_entries, request.acl_list)
             _reserved_zero(op, reserved0=request.reserved0, reserved1=request.reserved1, reserved2=request.reserved2)
-            export = session.membuf.export(dma_buf.fileno(), acl)
+            device = session.membuf
+            export = await _on_device(device, functools.partial(device.export, dma_buf.fileno(), acl))
         session.usage.membufs += 1
         transfer = await send_owned(session, [export.export_fd])
         return membuf_pb2.MemBufExportResponse(
@@ -107,7 +126,8 @@ class MemBufService(membuf_pb2_grpc.MemBufServicer):
             reserved2=request.reserved2,
             reserved3=request.reserved3,
         )
-        fd = session.membuf.import_memparcel(request.memparcel_hdl, acl)
+        device = session.membuf
+        fd = await _on_device(device, functools.partial(device.import_memparcel, request.memparcel_hdl, acl))
         session.usage.membufs += 1
         transfer = await send_owned(session, [fd])
         return membuf_pb2.MemBufImportResponse(fd_transfer=transfer, dma_buf_import_fd=common_pb2.FdRef(index=0))
