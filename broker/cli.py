@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-uid", type=int, action="append", default=[], help="only these uids may open sessions (repeatable; default: whoever the socket mode lets in)")
     serve.add_argument("--allow-gid", type=int, action="append", default=[], help="... or these gids (repeatable)")
     serve.add_argument("--max-grants-per-session", type=int, default=None, help="quota of mapped + shared grants per session")
+    serve.add_argument("--max-subscriptions-per-session", type=int, default=None,
+                       help="event-channel subscriptions (Subscribe streams) one session may hold (default 64)")
 
     status = commands.add_parser("status", help="backend, capabilities, sessions and what they hold")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -121,7 +123,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from grant_broker.service.server import ServerConfig, serve
     from grant_broker.service.session import Limits, Policy
 
-    limits = Limits() if args.max_grants_per_session is None else Limits(max_grants_per_session=args.max_grants_per_session)
+    quotas = {
+        "max_grants_per_session": args.max_grants_per_session,
+        "max_subscriptions_per_session": args.max_subscriptions_per_session,
+    }
+    limits = Limits(**{name: value for name, value in quotas.items() if value is not None})
     config = ServerConfig(
         socket_path=args.socket or _socket_default(),
         backend=args.backend,

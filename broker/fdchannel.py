@@ -117,10 +117,14 @@ class FdChannel:
                 finally:
                     loop.remove_writer(self._sock)
 
-    def try_receive(self) -> tuple[FdFrame, list[OwnedFd]] | None:
-        """Receive one frame if one is queued, else ``None``; never blocks."""
+    def try_receive(self, *, accept_fds: bool = True) -> tuple[FdFrame, list[OwnedFd]] | None:
+        """Receive one frame if one is queued, else ``None``; never blocks.
+
+        With ``accept_fds=False`` no control buffer is offered: descriptors
+        attached to the frame are never installed in this process (the kernel
+        drops them and flags ``MSG_CTRUNC``), and the frame is refused."""
         try:
-            payload, ancillary, flags, _ = self._sock.recvmsg(MAX_FRAME_BYTES, _ANCILLARY_SPACE)
+            payload, ancillary, flags, _ = self._sock.recvmsg(MAX_FRAME_BYTES, _ANCILLARY_SPACE if accept_fds else 0)
         except BlockingIOError:
             return None
         fds: list[OwnedFd] = []
@@ -130,9 +134,11 @@ class FdChannel:
                 received.frombytes(data[: len(data) - (len(data) % _FD_SIZE)])
                 fds.extend(OwnedFd(fd) for fd in received)
         try:
-            if not payload and not ancillary:
+            if not payload and not ancillary and not flags & socket.MSG_CTRUNC:
                 raise ChannelClosed("the peer closed the fd channel")
             if flags & socket.MSG_CTRUNC:
+                if not accept_fds:
+                    raise ProtocolError("descriptors sent where none are accepted (they were dropped unopened)")
                 raise ProtocolError("descriptors were truncated (MSG_CTRUNC): too many in one frame")
             if flags & socket.MSG_TRUNC:
                 raise ProtocolError(f"frame larger than {MAX_FRAME_BYTES} bytes")
@@ -153,8 +159,8 @@ class FdChannel:
             raise
         return frame, fds
 
-    async def receive(self) -> tuple[FdFrame, list[OwnedFd]]:
-        """Wait for the next frame.
+    async def receive(self, *, accept_fds: bool = True) -> tuple[FdFrame, list[OwnedFd]]:
+        """Wait for the next frame (see :meth:`try_receive` for *accept_fds*).
 
         Raises:
             ChannelClosed: the peer closed the channel.
@@ -167,7 +173,7 @@ class FdChannel:
         try:
             while True:
                 try:
-                    received = self.try_receive()
+                    received = self.try_receive(accept_fds=accept_fds)
                 except ConnectionResetError:
                     raise ChannelClosed("the peer reset the fd channel") from None
                 if received is not None:

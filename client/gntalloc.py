@@ -94,7 +94,7 @@ class SharedPages:
             return
         self._memory.close()
         self._closed = True
-        if not self._client._session.closed:
+        if not (self._client._session.closed or self._client._session.broker_lost):
             await self._client.dealloc_gref(self.index, self.count)
 
     close = aclose

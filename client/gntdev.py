@@ -252,7 +252,7 @@ class CopyBuffer:
         self.view.release()
         self._memory.close()
         session = self._client._session
-        if not session.closed:
+        if not (session.closed or session.broker_lost):
             await session.call(
                 self._client._stub.UnregisterCopyBuffer, gntdev_pb2.UnregisterCopyBufferRequest(buffer_id=self.buffer_id)
             )
@@ -324,20 +324,31 @@ class CopyResult:
             raise BrokerError(errno.EIO, operation, gntst_message(self.status), gntst=self.status)
 
 
-def _copy_pointer(end: Foreign | Local | bytes | None, *, source: bool) -> tuple[gntdev_pb2.GrantCopyPointer, bool]:
-    """The pointer message and whether it is foreign."""
+def _set_pointer(pointer: gntdev_pb2.GrantCopyPointer, end: Foreign | Local | bytes | None, *, source: bool) -> bool:
+    """Fill *pointer* (a field of the request, set in place: building
+    messages and copying them in costs three times as much for the hundreds
+    of segments of a large copy); return whether it is foreign."""
     if isinstance(end, Foreign):
-        return gntdev_pb2.GrantCopyPointer(
-            foreign=gntdev_pb2.GrantCopyForeign(ref=end.ref, offset=end.offset, domid=end.domid)
-        ), True
+        foreign = pointer.foreign
+        foreign.SetInParent()
+        foreign.ref = end.ref
+        foreign.offset = end.offset
+        foreign.domid = end.domid
+        return True
     if isinstance(end, Local):
-        return gntdev_pb2.GrantCopyPointer(
-            virt=gntdev_pb2.GrantCopyLocal(buffer_id=end.buffer.buffer_id, offset=end.offset)
-        ), False
+        virt = pointer.virt
+        virt.SetInParent()
+        virt.buffer_id = end.buffer.buffer_id
+        virt.offset = end.offset
+        return False
     if end is None and not source:
-        return gntdev_pb2.GrantCopyPointer(virt=gntdev_pb2.GrantCopyLocal()), False
+        pointer.virt.SetInParent()
+        return False
     if isinstance(end, bytes | bytearray | memoryview) and source:
-        return gntdev_pb2.GrantCopyPointer(virt=gntdev_pb2.GrantCopyLocal(data=bytes(end))), False
+        virt = pointer.virt
+        virt.SetInParent()  # set even for empty bytes
+        virt.data = bytes(end)
+        return False
     raise TypeError(f"not a grant-copy {'source' if source else 'dest'}: {end!r}")
 
 
@@ -397,6 +408,7 @@ class GntdevClient:
         self._session = session
         self._stub_instance: gntdev_pb2_grpc.GntdevStub | None = None
         self._mappings: dict[int, Mapping] = {}
+        self._one_call_map = True  # until a broker answers Map with UNIMPLEMENTED
 
     @property
     def _stub(self) -> gntdev_pb2_grpc.GntdevStub:
@@ -421,9 +433,21 @@ class GntdevClient:
         >>> mapping.view[0:5] = b"hello"                           # doctest: +SKIP
         """
         grant_refs = tuple(ref if isinstance(ref, GrantRef) else GrantRef(*ref) for ref in refs)
-        index = await self.map_grant_refs(grant_refs)
+        if self._one_call_map:
+            try:
+                index, spans = await self._map_in_one_call(grant_refs, writable)
+            except BrokerClientError as exc:
+                if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self._one_call_map = False  # a broker from before the Map call
+        if not self._one_call_map:
+            index = await self.map_grant_refs(grant_refs)
+            try:
+                spans = await self.map_memory(index, len(grant_refs), writable=writable)
+            except BaseException:
+                await self._undo_map(index, len(grant_refs))
+                raise
         try:
-            spans = await self.map_memory(index, len(grant_refs), writable=writable)
             memory = map_received(spans, writable=writable)
         except BaseException:
             await self._undo_map(index, len(grant_refs))
@@ -501,20 +525,17 @@ class GntdevClient:
         foreign side crossing its page) fail the whole call with EINVAL.
         """
         request = gntdev_pb2.GrantCopyRequest(count=len(segments))
+        add = request.segments.add
         for segment in segments:
-            source, source_foreign = _copy_pointer(segment.source, source=True)
-            dest, dest_foreign = _copy_pointer(segment.dest, source=False)
             length = segment.length
             if length is None:
                 if not isinstance(segment.source, bytes | bytearray | memoryview):
                     raise ValueError("a segment needs a length unless its source is inline bytes")
                 length = len(segment.source)
-            request.segments.add(
-                source=source,
-                dest=dest,
-                len=length,
-                flags=(GNTCOPY_source_gref if source_foreign else 0) | (GNTCOPY_dest_gref if dest_foreign else 0),
-            )
+            out = add(len=length)
+            source_foreign = _set_pointer(out.source, segment.source, source=True)
+            dest_foreign = _set_pointer(out.dest, segment.dest, source=False)
+            out.flags = (GNTCOPY_source_gref if source_foreign else 0) | (GNTCOPY_dest_gref if dest_foreign else 0)
         response = await self._session.call(self._stub.GrantCopy, request)
         results = []
         for asked, answered in zip(segments, response.segments, strict=True):
@@ -564,6 +585,21 @@ class GntdevClient:
 
     # ---------------------------------------------------------------- the RPCs as they are
 
+    async def _map_in_one_call(self, refs: tuple[GrantRef, ...], writable: bool) -> tuple[int, list[ReceivedSpan]]:
+        """The Map call: MapGrantRef + MapMemory in one round trip, the grants
+        as packed arrays (one domid when they all come from one domain)."""
+        domids = [ref.domid for ref in refs]
+        if len(set(domids)) == 1:
+            domids = domids[:1]
+        request = gntdev_pb2.MapRequest(domids=domids, refs=[ref.ref for ref in refs], writable=writable)
+        response = await self._session.call(self._stub.Map, request)
+        try:
+            spans = await receive_spans(self._session, "gntdev map", response.fd_transfer, response.spans)
+        except BaseException:
+            await self._undo_map(response.index, len(refs))
+            raise
+        return response.index, spans
+
     async def map_grant_refs(self, refs: Sequence[GrantRefLike]) -> int:
         """``IOCTL_GNTDEV_MAP_GRANT_REF``: reserve a mapping; return its index."""
         messages = [_grant_ref(ref) for ref in refs]
@@ -599,8 +635,8 @@ class GntdevClient:
         )
 
     async def _unmap_quietly(self, index: int, count: int) -> None:
-        # A closed session already gave everything back.
-        if not self._session.closed:
+        # A closed session, or one the broker lost, already gave everything back.
+        if not (self._session.closed or self._session.broker_lost):
             await self.unmap_grant_ref(index, count)
 
     async def _undo_map(self, index: int, count: int) -> None:

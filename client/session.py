@@ -30,13 +30,37 @@ from grant_broker.v1.fdchannel_pb2 import ClientHello, FdFrame, FdTransfer
 from grant_broker_client.errors import BrokerClientError, from_rpc_error
 
 if TYPE_CHECKING:
+    from grant_broker_client.reconnect import Retry
     from grant_broker_client.evtchn import EvtchnClient
     from grant_broker_client.gntalloc import GntallocClient
     from grant_broker_client.gntdev import GntdevClient
     from grant_broker_client.membuf import MemBufClient
 
 SESSION_METADATA_KEY = "x-grant-broker-session"
+
+DEFAULT_MAX_IN_FLIGHT = 1024
+"""Unary calls one session has in flight at most; more wait in the SDK, in order.
+
+A burst of thousands of calls on one connection would otherwise sit in the
+broker's grpc backlog (which grpc core sheds with CANCELLED beyond its limits,
+see ``grant_broker.service.server.MAX_QUEUED_CALLS``); waiting here costs the
+caller nothing and keeps the broker's backlog bounded by sessions x this."""
 _Response = TypeVar("_Response", bound=Message)
+
+CHANNEL_OPTIONS = (
+    # grpc shares one connection (subchannel) between every channel of the
+    # process to the same socket, with its reconnect backoff (by default up to
+    # 120 s).  A restarted broker is back within a second or two: keep the
+    # backoff short so that new sessions do not inherit a long wait.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+CONNECT_TIMEOUT = 10.0
+# What calls of a session whose broker went away fail with, before the SDK
+# says so plainly: the dead connection, or a restarted broker that does not
+# know the token.
+_LOST_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.CANCELLED})
 
 
 def default_socket_path() -> str:
@@ -58,7 +82,11 @@ def fd_channel_path(socket_path: str) -> str:
 class Session:
     """An open session with the broker.  Use :func:`connect`."""
 
-    def __init__(self, socket_path: str, channel: grpc.aio.Channel, fd_channel: FdChannel) -> None:
+    def __init__(
+        self, socket_path: str, channel: grpc.aio.Channel, fd_channel: FdChannel, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
         self.socket_path = socket_path
         self.grpc_channel = channel
         self._fd_channel = fd_channel
@@ -72,6 +100,8 @@ class Session:
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
         self._channel_error: BaseException | None = None
+        self._broker_lost = False
+        self._in_flight = asyncio.Semaphore(max_in_flight)
         self._next_transfer = itertools.count(1)
         self._send_lock = asyncio.Lock()
         self.broker = broker_pb2_grpc.BrokerStub(channel)
@@ -151,6 +181,9 @@ class Session:
                     waiter.set_result(None)
         except (ChannelClosed, ProtocolError, OSError) as exc:
             self._channel_error = exc
+            # A hang-up without a ProtocolError frame: the broker process is
+            # gone (stopped, crashed, restarting), not refusing this session.
+            self._broker_lost = isinstance(exc, (ChannelClosed, OSError))
             for waiter in self._waiters.values():
                 if not waiter.done():
                     waiter.set_exception(
@@ -160,15 +193,54 @@ class Session:
 
     # ------------------------------------------------------------ calls
 
+    @property
+    def broker_lost(self) -> bool:
+        """The broker hung up the fd channel without a protocol error: it stopped,
+        crashed or is restarting.  The session and everything it held are gone
+        in the broker; every call now fails with UNAVAILABLE.  Open a new
+        session (see :mod:`grant_broker_client.reconnect`)."""
+        return self._broker_lost
+
+    def _lost_error(self, operation: str) -> BrokerClientError:
+        return BrokerClientError(
+            errno.ECONNRESET, operation,
+            f"the broker closed session {self.session_id} (it stopped or restarted: {self._channel_error}); "
+            "everything the session held is gone — open a new session",
+            code=grpc.StatusCode.UNAVAILABLE,
+        )
+
     async def call(self, method: Any, request: Message, *, timeout: float | None = None) -> Any:
         """Invoke a unary stub *method* within this session; errors become
-        :class:`BrokerClientError` with the broker's errno / GNTST / status."""
+        :class:`BrokerClientError` with the broker's errno / GNTST / status.
+
+        At most ``max_in_flight`` (see :func:`connect`) calls of the session
+        run at once; more wait here, in order, and *timeout* counts the wait.
+        A session whose broker went away fails with UNAVAILABLE
+        (:attr:`broker_lost`), whatever the new broker would answer its token."""
         if self._closed:
             raise BrokerClientError(errno.EPIPE, "call", "the session is closed", code=grpc.StatusCode.UNAVAILABLE)
+        if self._broker_lost:
+            raise self._lost_error("call")
+        if timeout is not None and self._in_flight.locked():
+            started = asyncio.get_running_loop().time()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._in_flight.acquire()
+            except TimeoutError:
+                raise BrokerClientError(errno.ETIMEDOUT, "call", f"no call slot of the session within {timeout} s",
+                                        code=grpc.StatusCode.DEADLINE_EXCEEDED) from None
+            timeout = max(0.0, timeout - (asyncio.get_running_loop().time() - started))
+        else:
+            await self._in_flight.acquire()
         try:
             return await method(request, metadata=self._metadata, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+            error = from_rpc_error(exc)
+        finally:
+            self._in_flight.release()
+        if self._broker_lost and error.code in _LOST_CODES:
+            raise self._lost_error(error.operation) from None
+        raise error
 
     def stream(self, method: Any, request: Message) -> Any:
         """Start a server-streaming call within this session (the call object)."""
@@ -183,6 +255,19 @@ class Session:
                 for fd in fds:
                     fd.close()
             return []
+        if len(self._incoming.get(transfer_id, ())) < count:
+            await self._wait_for_fds(transfer_id, count, timeout)
+        fds = self._incoming.pop(transfer_id)
+        if len(fds) != count:
+            for fd in fds:
+                fd.close()
+            raise BrokerClientError(errno.EPROTO, "fd channel", f"transfer {transfer_id} carried {len(fds)} descriptors, the response names {count}",
+                                    code=grpc.StatusCode.INTERNAL)
+        return fds
+
+    async def _wait_for_fds(self, transfer_id: int, count: int, timeout: float) -> None:
+        # Only when the frame is not here yet: the timeout costs more than all
+        # the rest of receive_fds, and the frame usually arrived first.
         try:
             async with asyncio.timeout(timeout):
                 while len(self._incoming.get(transfer_id, ())) < count:
@@ -198,13 +283,6 @@ class Session:
         except TimeoutError:
             raise BrokerClientError(errno.ETIMEDOUT, "fd channel", f"descriptors of transfer {transfer_id} never arrived",
                                     code=grpc.StatusCode.DEADLINE_EXCEEDED) from None
-        fds = self._incoming.pop(transfer_id)
-        if len(fds) != count:
-            for fd in fds:
-                fd.close()
-            raise BrokerClientError(errno.EPROTO, "fd channel", f"transfer {transfer_id} carried {len(fds)} descriptors, the response names {count}",
-                                    code=grpc.StatusCode.INTERNAL)
-        return fds
 
     async def send_fds(self, fds: Sequence[int]) -> int:
         """Send descriptors (borrowed) ahead of a request; return the transfer id to name in it."""
@@ -258,22 +336,48 @@ async def connect(
     client_name: str = "",
     domid: int | None = None,
     vmid: int | None = None,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    retry: "Retry | None" = None,
 ) -> Session:
     """Open a session with the broker at *socket_path* (default: :func:`default_socket_path`).
 
     *domid* / *vmid* choose the domain the session acts as; only the emulated
     backend allows it (a real host has one domain: the broker's).
+    *max_in_flight* bounds the session's concurrent unary calls (more wait in
+    the SDK).  With *retry* (a :class:`grant_broker_client.reconnect.Retry`),
+    a broker that is not there (yet) is waited for with exponential backoff
+    instead of failing at once with UNAVAILABLE.
     """
+    if retry is not None:
+        from grant_broker_client.reconnect import connect_with_retry
+
+        return await connect_with_retry(
+            socket_path, retry=retry, client_name=client_name, domid=domid, vmid=vmid, max_in_flight=max_in_flight
+        )
     path = socket_path or default_socket_path()
     try:
         fd_channel = await FdChannel.connect(fd_channel_path(path))
     except OSError as exc:
         raise BrokerClientError(exc.errno or errno.ECONNREFUSED, "connect",
                                 f"no broker at {path}: {exc.strerror}", code=grpc.StatusCode.UNAVAILABLE) from None
-    channel = grpc.aio.insecure_channel(f"unix:{path}")
-    session = Session(path, channel, fd_channel)
+    channel = grpc.aio.insecure_channel(f"unix:{path}", options=CHANNEL_OPTIONS)
+    session = Session(path, channel, fd_channel, max_in_flight=max_in_flight)
     try:
         await session._hello(client_name or f"pid {os.getpid()}", domid, vmid)
+        # The broker is there (it answered the hello): wait for the gRPC
+        # connection too, so that the first call does not fail fast on a
+        # connection still in reconnect backoff from a previous broker.
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await channel.channel_ready()
+        except TimeoutError:
+            raise BrokerClientError(errno.ETIMEDOUT, "open session", f"no gRPC connection to {path} within {CONNECT_TIMEOUT} s",
+                                    code=grpc.StatusCode.UNAVAILABLE) from None
+    except (ChannelClosed, ConnectionError) as exc:
+        # The broker went away during the hello (it was stopping or restarting).
+        await session.close()
+        raise BrokerClientError(errno.ECONNRESET, "open session", f"the broker at {path} hung up during the hello: {exc}",
+                                code=grpc.StatusCode.UNAVAILABLE) from None
     except BaseException:
         await session.close()
         raise

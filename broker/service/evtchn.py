@@ -221,6 +221,13 @@ class EvtchnService(evtchn_pb2_grpc.EvtchnServicer):
             raise BrokerError(errno.EAGAIN, operation, "the broker is shutting down")
         if request.queue_size > MAX_QUEUE_SIZE:
             raise invalid(operation, f"queue size {request.queue_size} is above the broker's maximum of {MAX_QUEUE_SIZE}")
+        if len(request.ports) > session.limits.max_ports_per_session:
+            # More ports than the session may bind: some cannot be its own.
+            raise BrokerError(
+                errno.E2BIG,
+                operation,
+                f"{len(request.ports)} ports named; a session binds at most {session.limits.max_ports_per_session}",
+            )
         state = session_state(session)
         for port in request.ports:
             _owned_port(operation, state, port)

@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from grant_broker.backend.contract import Backend, Capabilities
 from grant_broker.errors import BrokerError
@@ -35,6 +35,30 @@ from grant_broker.v1 import broker_pb2, broker_pb2_grpc
 log = logging.getLogger(__name__)
 
 BACKEND_CHOICES = ("auto", "emulated", "xen")
+
+MAX_QUEUED_CALLS = 65536
+"""Calls the server accepts before the event loop has picked them up.
+
+grpc core keeps calls that arrived but that the application has not asked
+for yet (grpc.aio asks for one at a time) in a backlog, and sheds it by
+"random early detection" between ``grpc.server.max_pending_requests``
+(default 1000) and ``..._hard_limit`` (default 3000): a burst of a few
+thousand calls on one connection — 3000 unary calls in flight from one
+grpc.aio channel — saw part of them end CANCELLED (about 1 in 6 at 3000,
+1 in 3 at 5000, measured).  Lowering ``grpc.max_concurrent_streams`` instead
+does not help: the client opens streams beyond it anyway and the server
+refuses them (RST_STREAM REFUSED_STREAM, UNAVAILABLE).  So the backlog is
+made deterministic and large; the SDK additionally bounds the calls one
+session has in flight (``connect(max_in_flight=...)``).  See
+tests/reliability/test_load.py.
+"""
+
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_concurrent_streams", 100_000),
+    ("grpc.server.max_pending_requests", MAX_QUEUED_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", MAX_QUEUED_CALLS),
+]
 
 
 def default_socket_path() -> str:
@@ -131,6 +155,29 @@ def _prepare_socket_path(path: str) -> None:
             probe.close()
 
 
+class _GenericHandlersOnly:
+    """The gRPC server as the generated ``add_*Servicer_to_server`` functions see
+    it, without ``add_registered_method_handlers``.
+
+    Those functions register every method twice: in a generic handler and as
+    a "registered method".  grpc.aio (1.85) keeps one pending call request per
+    registered method, and its accept loop ``asyncio.wait``s on all of them —
+    for every incoming call, twice; with the broker's methods that is some
+    20 futures each time, about 40 µs of event-loop time per call.  The
+    generic handlers alone serve every method through one pending request
+    (a dict look-up per handler to find the method).
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: Any) -> None:
+        pass  # served by the generic handler added with them
+
+
 class BrokerServer:
     """One broker: start(), then wait_closed(); stop() from anywhere in the loop."""
 
@@ -155,12 +202,7 @@ class BrokerServer:
         _prepare_socket_path(config.socket_path)
         self._backend = choose_backend(config.backend)
         self.registry = SessionRegistry(self._backend.provider, config.policy, config.limits)
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                ("grpc.max_concurrent_streams", 100_000),
-            ]
-        )
+        server = grpc.aio.server(options=SERVER_OPTIONS)
         self._add_servicers(server)
         try:
             server.add_insecure_port(f"unix:{config.socket_path}")
@@ -192,7 +234,7 @@ class BrokerServer:
             membuf_pb2.DESCRIPTOR.services_by_name["MemBuf"].full_name,
         ]
 
-    def _add_servicers(self, server: grpc.aio.Server) -> None:
+    def _add_servicers(self, grpc_server: grpc.aio.Server) -> None:
         from grant_broker.service.evtchn import EvtchnService
         from grant_broker.service.gntalloc import GntallocService
         from grant_broker.service.gntdev import GntdevService
@@ -201,6 +243,7 @@ class BrokerServer:
 
         registry = self.registry
         assert registry is not None and self._backend is not None
+        server = _GenericHandlersOnly(grpc_server)
         admin = AdminCheck(registry, self.config.status_requires_admin)
         broker_pb2_grpc.add_BrokerServicer_to_server(BrokerService(registry, self._backend.capabilities, admin), server)
         gntdev_pb2_grpc.add_GntdevServicer_to_server(GntdevService(registry), server)
@@ -209,8 +252,11 @@ class BrokerServer:
         evtchn_pb2_grpc.add_EvtchnServicer_to_server(self._evtchn_service, server)
         membuf_pb2_grpc.add_MemBufServicer_to_server(MemBufService(registry), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            [*self._service_names(), health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        # reflection.enable_server_reflection, without its isinstance check
+        # of the server (which would pick the sync servicer for the wrapper).
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer([*self._service_names(), health.SERVICE_NAME, reflection.SERVICE_NAME]),
+            server,
         )
 
     async def _accept_fd_channels(self) -> None:

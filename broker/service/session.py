@@ -15,6 +15,7 @@ import errno
 import itertools
 import logging
 import secrets
+import select
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -285,6 +286,19 @@ class Session:
         log.info("session %d (%s, pid %d) released", self.id, self.client_name, self.creds.pid)
 
 
+_HUNG_UP = select.POLLHUP | select.POLLRDHUP | select.POLLERR | select.POLLNVAL
+
+
+def _hung_up(channel: FdChannel) -> bool:
+    """Whether the peer of *channel* is gone (one non-blocking ``poll``)."""
+    fd = channel.fileno()
+    if fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(fd, _HUNG_UP)
+    return bool(poller.poll(0))
+
+
 @contextlib.contextmanager
 def _logged(what: str):  # type: ignore[no-untyped-def]
     try:
@@ -315,7 +329,9 @@ class SessionRegistry:
         if token is None:
             raise BrokerError(errno.EPERM, "authenticate", f"no session: the call carries no {SESSION_METADATA_KEY} metadata")
         session = self._by_token.get(str(token))
-        if session is None or session.closed.is_set():
+        if session is None or session.closed.is_set() or _hung_up(session.channel):
+            # The fd channel is checked now, not when its reader gets to the
+            # hang-up: a token is good only while its fd channel is connected.
             raise BrokerError(errno.EPERM, "authenticate", "unknown or ended session token")
         return session
 
@@ -353,6 +369,8 @@ class SessionRegistry:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             log.warning("fd channel failed: %s", exc)
+        except Exception:  # noqa: BLE001 - a bug; it ends this channel only, and is logged
+            log.exception("fd channel of session %s failed unexpectedly", session.id if session else "-")
         finally:
             if session is not None:
                 self._forget(session)
@@ -364,9 +382,14 @@ class SessionRegistry:
         creds = channel.peer_credentials()
         try:
             async with asyncio.timeout(self.limits.hello_timeout_seconds):
-                frame, fds = await channel.receive()
+                # No control buffer: descriptors of an unauthenticated peer are
+                # dropped by the kernel, never installed in the broker (where
+                # closing one could block, or count against its fd limit).
+                frame, fds = await channel.receive(accept_fds=False)
         except TimeoutError:
             raise ProtocolError("no hello within the time limit") from None
+        except ProtocolError as exc:
+            raise ProtocolError(f"refused before the session was authenticated: {exc}") from None
         if fds:
             for fd in fds:
                 fd.close()
@@ -387,7 +410,7 @@ class SessionRegistry:
         vmid = hello.vmid if hello.HasField("vmid") else None
         try:
             backend = self.provider.backend(domid, vmid)
-        except BrokerError as exc:
+        except (BrokerError, ValueError) as exc:  # ValueError: a domid the backend cannot be (emulated: > 0x7FEF)
             raise ProtocolError(str(exc)) from None
         session = Session(next(self._ids), channel, creds, backend, hello.client_name or f"pid {creds.pid}", self.limits)
         self._sessions[session.id] = session

@@ -19,6 +19,7 @@ from grant_broker.uapi.grant_table import GNTST_bad_domain, GNTST_bad_gntref, GN
 from ._grant_helpers import close_spans, grant_refs, granted_pages, granter_view, grantee_view, map_and_close
 
 BEYOND_ANY_GRANT_TABLE = 0xFFFF_FFF0
+DOMID_SELF = 0x7FF0  # xen/include/public/xen.h
 
 
 def test_first_map_of_fresh_instance_returns_index_0(domains) -> None:
@@ -209,6 +210,21 @@ def test_unknown_domain_refused_at_map_memory(domains) -> None:
             gntdev.map_memory(index, 1, writable=False)
         assert caught.value.errno == errno.EINVAL
         assert f"domain {domains.unknown_domid}" in caught.value.detail
+        assert caught.value.gntst in (None, GNTST_bad_domain)
+        gntdev.unmap_grant_ref(index, 1)
+
+
+def test_domid_self_refused_at_map_memory(domains) -> None:
+    # Xen's map_grant_ref looks the granter up with rcu_lock_domain_by_id, to
+    # which DOMID_SELF is no domain (a grant copy accepts it: test_grant_copy).
+    with (
+        granted_pages(domains.local, domains.local.domid) as (_, allocation),
+        domains.local.open_gntdev() as gntdev,
+    ):
+        index = gntdev.map_grant_refs([GrantRef(DOMID_SELF, allocation.refs[0])])
+        with pytest.raises(BrokerError) as caught:
+            gntdev.map_memory(index, 1, writable=False)
+        assert caught.value.errno == errno.EINVAL
         assert caught.value.gntst in (None, GNTST_bad_domain)
         gntdev.unmap_grant_ref(index, 1)
 

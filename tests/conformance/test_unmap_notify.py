@@ -132,6 +132,24 @@ async def test_later_notify_overwrites_earlier(domains) -> None:
             assert granter[OFFSET] == MARK  # the CLEAR_BYTE was replaced
 
 
+async def test_unbound_port_still_carries_the_armed_notification(domains) -> None:
+    # The notification holds a reference on its port (Linux's evtchn_get): the
+    # handle may unbind the port, but Xen keeps the channel connected until the
+    # notification is sent, and only then closes it (seen on Xen 4.17 + Linux 6.1).
+    async with event_channel(domains.local, domains.peer) as channel:
+        with granted_pages(domains.peer, domains.local.domid) as (_, allocation), domains.local.open_gntdev() as gntdev:
+            index = gntdev.map_grant_refs(grant_refs(domains.peer, allocation))
+            gntdev.set_unmap_notify(index, UNMAP_NOTIFY_SEND_EVENT, channel.sender_port)
+            channel.sender.unbind(channel.sender_port)
+            with domains.local.open_evtchn() as other, pytest.raises(BrokerError) as caught:
+                other.bind_interdomain(domains.peer.domid, channel.receiver_port)  # still connected
+            assert caught.value.errno == errno.EINVAL
+            gntdev.unmap_grant_ref(index, 1)
+            assert await channel.received() == [channel.receiver_port]
+        with domains.local.open_evtchn() as again:  # sent: the port is closed now
+            again.bind_interdomain(domains.peer.domid, channel.receiver_port)
+
+
 def test_clear_byte_refused_on_read_only_mapping(domains) -> None:
     with granted_pages(domains.peer, domains.local.domid) as (_, allocation), domains.local.open_gntdev() as gntdev:
         index, memory = _map(gntdev, grant_refs(domains.peer, allocation), writable=False)
@@ -212,6 +230,17 @@ async def test_gntalloc_later_notify_overwrites_earlier(domains) -> None:
                 assert await channel.received() == [channel.receiver_port]
                 assert memory.view[OFFSET] == MARK
             gntdev.unmap_grant_ref(index, 1)
+
+
+async def test_gntalloc_notification_outlives_the_closed_handle(domains) -> None:
+    # A process that dies closes its event channel file, maybe before its
+    # gntalloc file: the notification still reaches the other end.
+    async with event_channel(domains.peer, domains.local) as channel:
+        with domains.peer.open_gntalloc() as gntalloc:
+            allocation = gntalloc.alloc_gref(domains.local.domid, 1)
+            gntalloc.set_unmap_notify(allocation.index, UNMAP_NOTIFY_SEND_EVENT, channel.sender_port)
+            channel.sender.close()
+        assert await channel.received() == [channel.receiver_port]
 
 
 def test_gntalloc_notify_offset_in_no_page_is_enoent(domains) -> None:

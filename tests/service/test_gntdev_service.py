@@ -12,6 +12,7 @@ import gc
 import mmap
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -19,6 +20,7 @@ import pytest
 import grant_broker_client
 from grant_broker.backend.contract import PAGE_SIZE
 from grant_broker.fds import OwnedFd, open_fd_count
+from grant_broker.service.server import BrokerServer, ServerConfig
 from grant_broker.service.session import Limits
 from grant_broker.uapi.grant_table import GNTST_bad_domain, GNTST_general_error, GNTST_okay
 from grant_broker_client import BrokerClientError, Session
@@ -82,6 +84,46 @@ async def test_mapping_an_ungranted_ref_fails_at_map_time_with_einval(mapper: Se
     assert "4000" in raised.value.detail
     # The half-made mapping was given back.
     assert (await mapper.describe()).usage.mappings == 0
+
+
+async def test_map_is_one_call_and_a_refused_one_leaves_nothing_reserved(
+    broker: InProcessBroker, sharer: Session, mapper: Session
+) -> None:
+    async with await sharer.gntalloc.share(MAPPER, 2) as pages:
+        with pytest.raises(BrokerClientError) as raised:
+            await mapper.gntdev.map([(SHARER, pages.refs[0]), (SHARER, 4000)])
+        assert raised.value.errno == errno.EINVAL and "4000" in raised.value.detail
+        # Nothing stayed reserved in the session's gntdev instance: the next
+        # reservation starts at index 0 again, as on a fresh instance.
+        assert await mapper.gntdev.map_grant_refs([(SHARER, pages.refs[0])]) == 0
+        await mapper.gntdev.unmap_grant_ref(0, 1)
+        # Refs of several domains in one call: one domid per ref.
+        async with await sharer.gntalloc.share(MAPPER, 1) as more, await mapper.gntdev.map(
+            [(SHARER, pages.refs[1]), (SHARER, more.refs[0])]
+        ) as mapping:
+            more.view[0:4] = b"more"
+            assert bytes(mapping.view[PAGE_SIZE : PAGE_SIZE + 4]) == b"more"
+            (session,) = [s for s in broker.registry.sessions if s.client_name == "mapper"]
+            assert session.usage.mappings == 1 and session.usage.mapped_grants == 2
+
+
+async def test_map_falls_back_to_two_calls_on_a_broker_without_map(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from grant_broker.service.gntdev import GntdevService
+    from grant_broker.v1 import gntdev_pb2_grpc
+
+    # A broker from before the Map call answers it UNIMPLEMENTED.
+    monkeypatch.setattr(GntdevService, "Map", gntdev_pb2_grpc.GntdevServicer.Map)
+    config = ServerConfig(socket_path=str(short_tmp / "old.sock"), backend="emulated", grace_seconds=0)
+    async with BrokerServer(config):
+        async with await grant_broker_client.connect(config.socket_path, domid=SHARER) as sharer, \
+                await grant_broker_client.connect(config.socket_path, domid=MAPPER) as mapper:
+            async with await sharer.gntalloc.share(MAPPER, 1) as pages:
+                pages.view[0:3] = b"old"
+                for _ in range(2):
+                    async with await mapper.gntdev.map([(SHARER, pages.refs[0])]) as mapping:
+                        assert bytes(mapping.view[0:3]) == b"old"
 
 
 async def test_map_to_fd_gives_one_descriptor_from_offset_0(sharer: Session, mapper: Session) -> None:

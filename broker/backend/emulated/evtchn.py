@@ -57,6 +57,7 @@ from grant_broker.fds import OwnedFd
 __all__ = [
     "DOMID_FIRST_RESERVED",
     "DOMID_SELF",
+    "EVENT_WORDS_PER_PAGE",
     "EVTCHN_NR_CHANNELS",
     "EmulatedEvtchnHandle",
     "EventChannelHub",
@@ -71,11 +72,19 @@ DOMID_SELF = 0x7FF0
 NR_VIRQS = 24
 VIRQ_DOM_EXC = 3  # "G. (DOM0) Exceptional event for some domain."
 
-# Ports per domain under the 2-level event ABI on a 64-bit guest:
-# EVTCHN_2L_NR_CHANNELS = (sizeof(xen_ulong_t) * 8) ** 2 (xen/include/public/xen.h).
-# Linux refuses UNBIND of a port at or above xen_evtchn_nr_channels() with
-# EINVAL; Xen's get_free_port answers ENOSPC when none is left.
+# Ports per domain the emulation hands out: the 2-level event ABI's bound on a
+# 64-bit guest, EVTCHN_2L_NR_CHANNELS = (sizeof(xen_ulong_t) * 8) ** 2
+# (xen/include/public/xen.h); Xen's get_free_port answers ENOSPC beyond it.
+# (Under the FIFO ABI, which Linux uses on Xen >= 4.4, Xen could give more.)
 EVTCHN_NR_CHANNELS = 64 * 64
+
+# Linux refuses UNBIND of a port at or above xen_evtchn_nr_channels() with
+# EINVAL.  Under the FIFO ABI that is the size of the domain's event array
+# (events_fifo.c: event_array_pages * EVENT_WORDS_PER_PAGE), which starts at
+# one page and grows, never shrinking, when a port beyond it is bound
+# (evtchn_fifo_setup): on real Xen 4.17 + Linux 6.1, UNBIND of port 1024 with
+# no port that high ever bound is EINVAL, not ENOTCONN.
+EVENT_WORDS_PER_PAGE = 4096 // 4  # XEN_PAGE_SIZE / sizeof(event_word_t)
 
 _PORT = struct.Struct("=I")  # evtchn_port_t, native byte order as read() returns it
 _U32_MAX = 0xFFFF_FFFF
@@ -196,6 +205,8 @@ class _Port:
     virq: int = -1  # VIRQ only
     enabled: bool = True  # Linux user_evtchn.enabled: False from firing until unmask
     pending: bool = False  # Xen's pending bit, left set while the port is masked
+    holds: int = 0  # unmap notifications armed on it (Linux's evtchn_get references)
+    detached: bool = False  # its handle unbound it while held: bound in Xen, owned by nobody
 
 
 @dataclass(eq=False)
@@ -249,6 +260,7 @@ class EventChannelHub:
         self._lock: threading.RLock = getattr(hypervisor, "lock", None) or threading.RLock()
         self._domains: dict[int, dict[int, _Port]] = {}
         self._virqs: dict[int, dict[int, _Port]] = {}  # domid -> virq -> port (vcpu 0)
+        self._event_array_pages: dict[int, int] = {}  # domid -> Linux's FIFO event array size
         self._queues: set[_Queue] = set()  # open or orphaned, not yet released
         self._orphans: set[_Queue] = set()  # handle closed, a copy of its fd still open
         self._closed = False
@@ -264,6 +276,28 @@ class EventChannelHub:
         with self._lock:
             self._sweep()
             return port in self._domains.get(domid, {})
+
+    def hold(self, domid: int, port: int) -> object | None:
+        """``evtchn_get``: take a reference on *domid*'s bound *port* for an
+        unmap notification; None if it is not bound.  Give it back with
+        :meth:`release`."""
+        with self._lock:
+            self._sweep()
+            found = self._domains.get(domid, {}).get(port)
+            if found is not None:
+                found.holds += 1
+            return found
+
+    def release(self, hold: object | None) -> None:
+        """``evtchn_put``: drop a reference from :meth:`hold` (None: nothing);
+        a port its handle already unbound is closed with the last one."""
+        if not isinstance(hold, _Port):
+            return
+        with self._lock:
+            if hold.holds > 0:
+                hold.holds -= 1
+            if not hold.holds and hold.detached and self._domains.get(hold.domid, {}).get(hold.number) is hold:
+                self._close_port(hold)
 
     def notify_local(self, domid: int, port: int) -> None:
         """Send on *domid*'s local *port*, as ``notify_remote_via_evtchn`` does
@@ -294,6 +328,7 @@ class EventChannelHub:
             for port in list(self._domains.get(domid, {}).values()):
                 self._close_port(port)
             self._domains.pop(domid, None)
+            self._event_array_pages.pop(domid, None)
             self._virqs.pop(domid, None)
             for queue in self._queues:
                 if queue.domid == domid:
@@ -309,6 +344,7 @@ class EventChannelHub:
                 self._release(queue)
             self._domains.clear()
             self._virqs.clear()
+            self._event_array_pages.clear()
 
     # ----------------------------------------------------------- handle side
 
@@ -350,7 +386,7 @@ class EventChannelHub:
             return
         queue.released = True
         for port in list(queue.ports.values()):
-            self._close_port(port)
+            self._unbind_user(port)
         queue.pipe.close()
         self._queues.discard(queue)
         self._orphans.discard(queue)
@@ -372,6 +408,8 @@ class EventChannelHub:
             )
         port = _Port(queue.domid, number, queue, state)
         ports[number] = port
+        pages = self._event_array_pages.get(queue.domid, 1)
+        self._event_array_pages[queue.domid] = max(pages, number // EVENT_WORDS_PER_PAGE + 1)
         queue.ports[number] = port
         return port
 
@@ -449,9 +487,10 @@ class EventChannelHub:
         op = "unbind"
         self._check_usable(queue, op)
         _u32(port, "port", op)
-        if port >= EVTCHN_NR_CHANNELS:
-            raise _error(errno.EINVAL, op, f"port {port} is beyond the {EVTCHN_NR_CHANNELS} channels")
-        self._close_port(self._owned(queue, port, op))
+        channels = self._event_array_pages.get(queue.domid, 1) * EVENT_WORDS_PER_PAGE
+        if port >= channels:
+            raise _error(errno.EINVAL, op, f"port {port} is beyond the {channels} channels of the event array")
+        self._unbind_user(self._owned(queue, port, op))
 
     def _notify(self, queue: _Queue, port: int) -> None:
         op = "notify"
@@ -509,6 +548,8 @@ class EventChannelHub:
         if not port.enabled:
             port.pending = True  # coalesces: Xen keeps one pending bit
             return
+        if port.detached:
+            return  # Linux freed its handler: nobody hears it
         port.enabled = False
         port.pending = False
         queue = port.owner
@@ -520,6 +561,18 @@ class EventChannelHub:
             queue.overflow = True  # evtchn_interrupt: ring full -> ring_overflow
         except BrokenPipeError:
             self._release(queue)  # every copy of the handle's fd is gone
+
+    def _unbind_user(self, port: _Port) -> None:
+        """``evtchn_unbind_from_user``: the handle forgets the port, and Xen closes
+        it — unless an unmap notification holds it (``evtchn_get``): Linux keeps
+        the channel bound, and connected, until the last such reference is put,
+        so the notification still reaches the remote end (seen on Xen 4.17 +
+        Linux 6.1)."""
+        if port.holds:
+            port.detached = True
+            port.owner.ports.pop(port.number, None)
+        else:
+            self._close_port(port)
 
     def _close_port(self, port: _Port) -> None:
         """``__evtchn_close`` followed by Linux forgetting the port."""

@@ -48,6 +48,7 @@ class _Gref:
     notify_flags: int = 0
     notify_pgoff: int = 0
     notify_port: int = 0
+    notify_hold: object | None = None  # the port's evtchn_get reference, with SEND_EVENT
 
 
 class EmulatedGntalloc(GntallocInstance):
@@ -153,6 +154,8 @@ class EmulatedGntalloc(GntallocInstance):
         if gref.notify_flags & UNMAP_NOTIFY_SEND_EVENT:
             self._hv.send_event(self.domid, gref.notify_port)
         gref.notify_flags = 0
+        hold, gref.notify_hold = gref.notify_hold, None
+        self._hv.release_event_port(hold)  # evtchn_put
         table = self._hv.grants.tables.get(self.domid)
         if table is not None:
             table.end(gref.ref)
@@ -169,11 +172,16 @@ class EmulatedGntalloc(GntallocInstance):
                 raise BrokerError(errno.ENOENT, operation, f"offset {offset:#x} is in no allocated page of this instance")
             if action & ~_NOTIFY_ACTIONS or action < 0:
                 raise BrokerError(errno.EINVAL, operation, f"unknown action bits in {action:#x}")
-            if action & UNMAP_NOTIFY_SEND_EVENT and not self._hv.event_port_bound(self.domid, port):
+            # evtchn_get: the notification holds the port bound until it is sent.
+            hold = self._hv.hold_event_port(self.domid, port) if action & UNMAP_NOTIFY_SEND_EVENT else None
+            if action & UNMAP_NOTIFY_SEND_EVENT and hold is None:
                 raise BrokerError(errno.EINVAL, operation, f"event channel port {port} is not bound in domain {self.domid}")
+            replaced = gref.notify_hold
             gref.notify_flags = action
             gref.notify_pgoff = offset & (PAGE_SIZE - 1)
             gref.notify_port = port
+            gref.notify_hold = hold
+            self._hv.release_event_port(replaced)  # the replaced notification's reference
 
     def memory_spans(self, index: int, count: int) -> list[MemorySpan]:
         operation = "gntalloc map memory"

@@ -62,6 +62,8 @@ if TYPE_CHECKING:
 
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 
+DOMID_SELF = 0x7FF0  # xen/include/public/xen.h
+
 # Linux's module parameter ``limit`` of gntdev: the most grants one request
 # (map or dma-buf) may name (gntdev_test_page_count).
 DEFAULT_MAX_GRANTS = 64 * 1024
@@ -82,6 +84,7 @@ class _Mapping:
     notify_flags: int = 0
     notify_addr: int = 0  # byte offset within the mapping
     notify_port: int = 0
+    notify_hold: object | None = None  # the port's evtchn_get reference, with SEND_EVENT
 
     @property
     def count(self) -> int:
@@ -210,6 +213,7 @@ class EmulatedGntdev(GntdevInstance):
         """``gntdev_put_map`` for the last user: notify, then unmap the grants."""
         pinned, mapping.pinned = mapping.pinned, None
         flags, mapping.notify_flags = mapping.notify_flags, 0
+        hold, mapping.notify_hold = mapping.notify_hold, None
         # Clear the byte before sending the event, so a peer woken by the event
         # reads the cleared byte (Linux orders them the other way round for
         # auto-translated guests; a PV dom0 clears at munmap, before either).
@@ -219,15 +223,24 @@ class EmulatedGntdev(GntdevInstance):
                 entry.backing.clear_byte(entry.offset + (mapping.notify_addr & (PAGE_SIZE - 1)))
         if flags & UNMAP_NOTIFY_SEND_EVENT:
             self._hv.send_event(self.domid, mapping.notify_port)
+        self._hv.release_event_port(hold)  # evtchn_put
         for entry in pinned or ():
-            self._hv.grants.unpin(entry)
+            entry.table.unpin(entry)  # GrantSystem.unpin
 
     def _pin_all(self, grants: Sequence[GrantRef], *, write: bool, operation: str) -> list[GrantEntry]:
         """Map each grant (the hypercall); all or nothing, EINVAL naming the first refusal."""
         pinned: list[GrantEntry] = []
+        # GrantSystem.pin, inlined with the table of the previous grant kept:
+        # batches of thousands of refs are the case to be fast for, and they
+        # come from one granting domain.
+        system, grantee, table = self._hv.grants, self.domid, None
         try:
             for grant in grants:
-                pinned.append(self._hv.grants.pin(grant.domid, grant.ref, self.domid, write=write))
+                if table is None or table.domid != grant.domid:
+                    table = system.table_of(grant.domid)
+                entry = table.lookup(grant.ref, grantee, write=write)
+                entry.pins += 1
+                pinned.append(entry)
         except GrantStatusError as refusal:
             for entry in pinned:
                 self._hv.grants.unpin(entry)
@@ -291,21 +304,30 @@ class EmulatedGntdev(GntdevInstance):
             # gntdev_ioctl_notify's order: action bits, port, then the mapping.
             if action & ~_NOTIFY_ACTIONS or action < 0:
                 raise BrokerError(errno.EINVAL, operation, f"unknown action bits in {action:#x}")
-            if action & UNMAP_NOTIFY_SEND_EVENT and not self._hv.event_port_bound(self.domid, port):
+            # evtchn_get: the notification holds the port bound until it is sent.
+            hold = self._hv.hold_event_port(self.domid, port) if action & UNMAP_NOTIFY_SEND_EVENT else None
+            if action & UNMAP_NOTIFY_SEND_EVENT and hold is None:
                 raise BrokerError(errno.EINVAL, operation, f"event channel port {port} is not bound in domain {self.domid}")
-            for mapping in self._maps:
-                begin = mapping.index << PAGE_SHIFT
-                if begin <= offset < begin + (mapping.count << PAGE_SHIFT):
-                    break
-            else:
-                raise BrokerError(errno.ENOENT, operation, f"offset {offset:#x} is in no mapping of this instance")
-            if action & UNMAP_NOTIFY_CLEAR_BYTE and mapping.readonly:
-                raise BrokerError(
-                    errno.EINVAL, operation, f"CLEAR_BYTE on the read-only mapping at index {begin:#x}"
-                )
+            try:
+                for mapping in self._maps:
+                    begin = mapping.index << PAGE_SHIFT
+                    if begin <= offset < begin + (mapping.count << PAGE_SHIFT):
+                        break
+                else:
+                    raise BrokerError(errno.ENOENT, operation, f"offset {offset:#x} is in no mapping of this instance")
+                if action & UNMAP_NOTIFY_CLEAR_BYTE and mapping.readonly:
+                    raise BrokerError(
+                        errno.EINVAL, operation, f"CLEAR_BYTE on the read-only mapping at index {begin:#x}"
+                    )
+            except BrokerError:
+                self._hv.release_event_port(hold)
+                raise
+            replaced = mapping.notify_hold
             mapping.notify_flags = action
             mapping.notify_addr = offset - begin
             mapping.notify_port = port
+            mapping.notify_hold = hold
+            self._hv.release_event_port(replaced)  # the replaced notification's reference
 
     # ------------------------------------------------------------------ grant copy
 
@@ -356,6 +378,12 @@ class EmulatedGntdev(GntdevInstance):
             views.append(view)
         return views[0], views[1]
 
+    def _copy_domid(self, side: CopyForeign) -> int:
+        """``gnttab_copy_lock_domain`` looks the domain up with
+        ``rcu_lock_domain_by_any_id``: DOMID_SELF is the copying domain (a map's
+        ``rcu_lock_domain_by_id`` answers GNTST_bad_domain to it instead)."""
+        return self.domid if side.domid == DOMID_SELF else side.domid
+
     def _copy_one(self, seg: GrantCopySegment, src_view: memoryview | None, dst_view: memoryview | None) -> int:
         """One ``gnttab_copy`` op; returns its GNTST status."""
         source, dest, length = seg.source, seg.dest, seg.length
@@ -364,21 +392,31 @@ class EmulatedGntdev(GntdevInstance):
             # gnttab_copy_lock_domains: source then destination domain, then
             # gnttab_copy_claim_buf: source (read) then destination (write).
             if isinstance(source, CopyForeign):
-                grants.table_of(source.domid)
+                grants.table_of(self._copy_domid(source))
             if isinstance(dest, CopyForeign):
-                grants.table_of(dest.domid)
+                grants.table_of(self._copy_domid(dest))
             src_entry = dst_entry = None
             if isinstance(source, CopyForeign):
-                src_entry = grants.access(source.domid, source.ref, self.domid, write=False)
+                src_entry = grants.access(self._copy_domid(source), source.ref, self.domid, write=False)
             if isinstance(dest, CopyForeign):
-                dst_entry = grants.access(dest.domid, dest.ref, self.domid, write=True)
+                dst_entry = grants.access(self._copy_domid(dest), dest.ref, self.domid, write=True)
         except GrantStatusError as refusal:
             return refusal.status
+        # One copy of the bytes where one side is local: the kernel reads the
+        # granted page straight into the local buffer, or writes the local
+        # buffer's bytes straight into the page (memcpy semantics, as
+        # __gnttab_copy's; only foreign-to-foreign goes through a bounce buffer).
         if src_entry is not None:
+            if dst_entry is None:
+                assert dst_view is not None and isinstance(dest, CopyLocal)
+                src_entry.backing.read_into(  # type: ignore[union-attr]
+                    src_entry.offset + source.offset, dst_view[dest.offset : dest.offset + length]  # type: ignore[union-attr]
+                )
+                return GNTST_okay
             data: bytes | memoryview = src_entry.backing.read(src_entry.offset + source.offset, length)  # type: ignore[union-attr]
         else:
             assert src_view is not None and isinstance(source, CopyLocal)
-            data = bytes(src_view[source.offset : source.offset + length])
+            data = src_view[source.offset : source.offset + length]
         if dst_entry is not None:
             dst_entry.backing.write(dst_entry.offset + dest.offset, data)  # type: ignore[union-attr]
         else:

@@ -15,8 +15,10 @@ Services for the device emulations (this package only):
   domain, released when the domain is destroyed or the hypervisor closes;
 * :meth:`reap` — release instances whose descriptors are gone everywhere
   (for when no event loop watches them);
-* :meth:`event_port_bound`, :meth:`send_event` — what unmap notifications need
-  from the event-channel emulation (``self.events``).
+* :meth:`event_port_bound`, :meth:`hold_event_port`, :meth:`release_event_port`,
+  :meth:`send_event` — what unmap notifications need from the event-channel
+  emulation (``self.events``): a notification holds its port bound, as
+  Linux's ``evtchn_get`` does, until it is sent or replaced.
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ EMULATION_NOTES: tuple[str, ...] = (
     "imported dma-buf), in order from its first page",
     "get_offset_for_vaddr recognises a mapping by the file and offset mapped at the address",
     "gntdev spans are descriptors of the granter's memory (memfds), not of the gntdev instance",
+    "a gntdev span can be mmapped any number of times (on a PV dom0 a gntdev mapping can be mmapped once "
+    "in its lifetime: after its munmap a new mmap is EINVAL)",
+    "a gntdev CLEAR_BYTE notification fires at unmap once map_memory was called, even if no span was "
+    "mmapped (on a PV dom0 only the munmap of an mmapped mapping clears the byte)",
+    "a grant deallocated while another domain maps it ends at that domain's last unmap (Linux retries "
+    "gnttab_end_foreign_access from a one-second timer: on real Xen the ref stays mappable for about a second more)",
     "an instance whose last descriptor closes elsewhere (another process) is released when the "
     "running asyncio loop sees the hang-up, or else at the emulation's next device operation",
     "SET_MAX_GRANTS is implemented (real Linux gntdev answers ENOTTY)",
@@ -91,6 +99,7 @@ class EmulatedHypervisor:
         self.grants = GrantSystem()
         self._domains: dict[int, _Domain] = {}
         self._backends: list[EmulatedBackend] = []
+        self._closed_links: set[InstanceLink] = set()  # closed here, a copy still open: see reap()
         self._export_bytes = itertools.count()
         self._closed = False
         self.events = EventChannelHub(self)
@@ -169,7 +178,7 @@ class EmulatedHypervisor:
                     domain.links.discard(holder[0])
                     on_release()
 
-            link = InstanceLink(released, name=name)
+            link = InstanceLink(released, name=name, on_close=self._closed_links.add)
             holder.append(link)
             domain.links.add(link)
             return link
@@ -179,11 +188,25 @@ class EmulatedHypervisor:
         event loop watches (a process holding one died, say).  Cheap: one
         ``poll`` over the candidates."""
         with self.lock:
-            check_all(link for domain in self._domains.values() for link in domain.links)
+            # Only links closed here while a copy lived on can be waiting to be
+            # released: looking at just those keeps every device operation
+            # O(1) in the number of open instances (sessions).
+            if self._closed_links:
+                check_all(self._closed_links)
+                self._closed_links = {link for link in self._closed_links if not link.released}
 
     def event_port_bound(self, domid: int, port: int) -> bool:
         """Whether *port* is bound in domain *domid* (``evtchn_get`` succeeds)."""
         return bool(self.events.is_bound(domid, port))
+
+    def hold_event_port(self, domid: int, port: int) -> object | None:
+        """``evtchn_get`` for an unmap notification: a reference that keeps
+        *port* bound until :meth:`release_event_port`; None if it is not bound."""
+        return self.events.hold(domid, port)
+
+    def release_event_port(self, hold: object | None) -> None:
+        """``evtchn_put`` of a :meth:`hold_event_port` reference (None: nothing)."""
+        self.events.release(hold)
 
     def send_event(self, domid: int, port: int) -> None:
         """``notify_remote_via_evtchn`` from the kernel of *domid*: never fails

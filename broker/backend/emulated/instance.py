@@ -38,12 +38,21 @@ _HUNG_UP = select.POLLHUP | select.POLLRDHUP | select.POLLERR | select.POLLNVAL
 class InstanceLink:
     """The descriptor pair behind one emulated device instance."""
 
-    __slots__ = ("name", "_caller", "_peer", "_on_release", "_loop", "_released", "__weakref__")
+    __slots__ = ("name", "_caller", "_peer", "_on_release", "_on_close", "_loop", "_released", "__weakref__")
 
-    def __init__(self, on_release: Callable[[], None], *, name: str) -> None:
+    def __init__(
+        self,
+        on_release: Callable[[], None],
+        *,
+        name: str,
+        on_close: Callable[["InstanceLink"], None] | None = None,
+    ) -> None:
         """Create the pair; *on_release* runs once when the instance is released.
 
         *name* appears in messages (e.g. ``"gntdev instance of domain 1"``).
+        *on_close* runs when :meth:`close` leaves the instance alive (a copy
+        of its descriptor is open elsewhere): from then on it is a candidate
+        for :func:`check_all`, and only then.
         """
         caller, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # Raw descriptors: the link, not a socket object's finalizer, decides
@@ -53,6 +62,7 @@ class InstanceLink:
         os.set_blocking(self._peer, False)
         self.name = name
         self._on_release: Callable[[], None] | None = on_release
+        self._on_close = on_close
         self._loop: asyncio.AbstractEventLoop | None = None
         self._released = False
         self._watch()
@@ -95,6 +105,8 @@ class InstanceLink:
             return
         if not self.check():
             self._watch()
+            if self._on_close is not None:
+                self._on_close(self)
 
     def check(self) -> bool:
         """Release the instance if every copy of the caller's end is gone;

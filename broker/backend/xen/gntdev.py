@@ -92,7 +92,7 @@ from grant_broker.uapi.grant_table import (
     gntst_name,
 )
 
-from ._core import U16_MAX, U32_MAX, U64_MAX, check, fits, ioctl, live, open_device, suppressing
+from ._core import DOMID_FIRST_RESERVED, U16_MAX, U32_MAX, U64_MAX, check, fits, ioctl, live, open_device, suppressing
 
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 _NOTIFY_ACTIONS = uapi.UNMAP_NOTIFY_CLEAR_BYTE | uapi.UNMAP_NOTIFY_SEND_EVENT
@@ -283,9 +283,13 @@ class XenGntdev(GntdevInstance):
     def _check_grants(self, refs: Sequence[GrantRef], *, writable: bool, operation: str) -> None:
         """Raise, naming the culprit, unless the hypervisor maps *refs* as asked."""
         for grant in refs:
-            if grant.domid > U16_MAX:
+            if grant.domid >= DOMID_FIRST_RESERVED:
+                # Xen's map_grant_ref looks the granter up with rcu_lock_domain_by_id:
+                # DOMID_SELF and the other reserved ids are no domain to it
+                # (a grant copy accepts DOMID_SELF), and beyond 0xFFFF the id
+                # would not even fit domid_t.
                 raise BrokerError(
-                    errno.EINVAL, operation, f"ref {grant.ref} of domain {grant.domid}: the domain does not fit domid_t",
+                    errno.EINVAL, operation, f"ref {grant.ref} of domain {grant.domid}: not a domain a grant can be mapped from",
                     gntst=GNTST_bad_domain,
                 )
         refused = self._probe(refs, writable=writable, operation=operation)
@@ -304,13 +308,17 @@ class XenGntdev(GntdevInstance):
                     f"ref {grant.ref} of domain {grant.domid} refused by the hypervisor ({gntst_name(status)})",
                     gntst=status,
                 )
-        if writable and len(refs) <= _DIAGNOSE_ONE_BY_ONE:
+        if len(refs) <= _DIAGNOSE_ONE_BY_ONE:
             for grant in refs:
-                if self._probe([grant], writable=True, operation=operation) is not None:
-                    raise BrokerError(
-                        errno.EINVAL, operation,
-                        f"ref {grant.ref} of domain {grant.domid} cannot be mapped writable (a read-only grant)",
-                    )
+                if self._probe([grant], writable=writable, operation=operation) is None:
+                    continue
+                if writable and self._probe([grant], writable=False, operation=operation) is None:
+                    why = "it is granted read-only"
+                else:
+                    why = "the hypervisor refused it"
+                raise BrokerError(
+                    errno.EINVAL, operation, f"ref {grant.ref} of domain {grant.domid} cannot be mapped{' writable' * writable}: {why}"
+                )
         raise BrokerError(errno.EINVAL, operation, f"the hypervisor refused to map {_refs_text(refs)}")
 
     def _read_probe(self, refs: Sequence[GrantRef]) -> list[int]:

@@ -1,0 +1,851 @@
+"""Benchmark the broker against its floors: ``python -m bench.run [--quick] [--json PATH]``.
+
+Starts its own broker (``grant-broker serve --backend emulated``) and the
+baseline servers (see :mod:`bench.baselines`) as subprocesses in a temporary
+directory, measures every figure and its baseline in the same run, prints a
+table on stdout and writes the figures as JSON (``bench-results/latest.json``
+unless ``--json`` says otherwise).  Progress goes to stderr.
+
+Figures (see README, "Performance"):
+
+1. map round trip — map one grant, receive its fd, mmap it, read the first
+   byte; against a bare grpc.aio unary call and the SEQPACKET + SCM_RIGHTS floor;
+2. batched map — grants mapped per second with 1024-ref batches;
+3. event latency (one subscriber) and fan-out (many subscribers of one port);
+4. grant copy bandwidth, 4 KiB .. 1 MiB, through a registered copy buffer and
+   through protobuf bytes, against memcpy in this process;
+5. scale — sessions each holding mappings (broker RSS and fds per session),
+   then thousands of calls in flight at once across client processes.
+
+Latency samples are taken in interleaved rounds (broker, then its baselines,
+round after round) so that a slow spell of the machine hits all of them alike;
+the first round and explicit warm-up calls are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# The scale figure starts client processes once grpc has threads running;
+# they exec at once, so grpc's fork handlers have nothing to do (and would
+# log that they skip).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
+import grpc  # noqa: E402
+import uvloop  # noqa: E402
+
+import grant_broker_client  # noqa: E402
+from bench.baselines import ECHO_METHOD, SeqpacketClient, memcpy_seconds
+from grant_broker_client.gntdev import CopySegment, Foreign, Local
+
+KIB = 1024
+MIB = 1024 * 1024
+PAGE = 4096
+DEFAULT_JSON = Path("bench-results") / "latest.json"
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of everything to do.  ``rounds`` x ``per_round`` samples per
+    latency figure (the first round is warm-up)."""
+
+    rounds: int = 21
+    per_round: int = 100
+    batch_refs: int = 1024
+    batch_reps: int = 150
+    subscribers: int = 1000
+    fanout_reps: int = 60
+    copy_sizes: tuple[int, ...] = (4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, MIB)
+    copy_reps: int = 200
+    pipeline_depth: int = 8
+    sessions: int = 1000
+    mappings: int = 16
+    in_flight: int = 5000
+    workers: int = 4
+
+
+DEFAULT_PLAN = Plan()
+QUICK_PLAN = Plan(
+    rounds=6, per_round=40, batch_reps=20, subscribers=200, fanout_reps=10, copy_reps=30,
+    sessions=100, in_flight=500, workers=2,
+)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of already sorted values."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(fraction * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+@dataclass
+class Summary:
+    """min / median / p99 of samples, in the unit they were given in."""
+
+    n: int
+    min: float
+    median: float
+    p99: float
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> "Summary":
+        values = sorted(samples)
+        if not values:
+            return cls(0, math.nan, math.nan, math.nan)
+        mid = len(values) // 2
+        median = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+        return cls(len(values), values[0], median, percentile(values, 0.99))
+
+
+@dataclass
+class Figure:
+    """One row of the table.
+
+    ``time`` summarises the per-operation times (µs) when the figure is timed;
+    ``value`` is the figure in its own unit, ``baseline`` the floor it is
+    compared with (same unit), ``ratio`` = value / baseline.  ``target`` says
+    what is asked and ``met`` whether this run meets it (None: only reported).
+    """
+
+    name: str
+    title: str
+    unit: str
+    value: float
+    time: Summary | None = None
+    baseline: float | None = None
+    baseline_name: str | None = None
+    ratio: float | None = None
+    target: str = "reported"
+    met: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def us(seconds: Sequence[float]) -> list[float]:
+    return [s * 1e6 for s in seconds]
+
+
+def progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit (inherited by every child)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+class Child:
+    """A subprocess whose output goes to a log file; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path, *, ready_line: bool) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE if ready_line else self._log,
+            stderr=self._log,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        if ready_line:
+            assert self.process.stdout is not None
+            line = self.process.stdout.readline()
+            if line.strip() != "ready":
+                self.stop()
+                raise RuntimeError(f"{name} did not start: {line!r}; see {self.log_path}: {self.log_tail()}")
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "".join(self.log_path.read_text().splitlines(keepends=True)[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> int | None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self._log.close()
+        return self.process.returncode
+
+
+def start_broker(socket_path: str, log_dir: Path, subscribers: int) -> Child:
+    argv = [
+        sys.executable, "-m", "grant_broker.cli", "--socket", socket_path, "--log-level", "warning",
+        "serve", "--backend", "emulated", "--grace", "1",
+        "--max-subscriptions-per-session", str(max(64, subscribers + 8)),
+    ]
+    broker = Child("broker", argv, log_dir, ready_line=False)
+    deadline = time.monotonic() + 30
+    while not (os.path.exists(socket_path) and os.path.exists(socket_path + ".fds")):
+        if broker.process.poll() is not None:
+            broker.stop()
+            raise RuntimeError(f"the broker exited with {broker.process.returncode}: {broker.log_tail()}")
+        if time.monotonic() > deadline:
+            broker.stop()
+            raise RuntimeError("the broker did not start within 30 s")
+        time.sleep(0.02)
+    return broker
+
+
+def vm_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "absent"
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "grpcio": version("grpcio"),
+        "protobuf": version("protobuf"),
+        "uvloop": version("uvloop"),
+        "loadavg_at_start": os.getloadavg()[0],
+    }
+
+
+# --------------------------------------------------------------------------- measurement helpers
+
+
+async def timed_rounds(
+    kinds: dict[str, Callable[[], Awaitable[Any]]],
+    rounds: int,
+    per_round: int,
+    after: Callable[[str, Any], Awaitable[None]] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each kind, in interleaved rounds; round 0 is warm-up.
+
+    *after* (untimed) undoes what a call made, e.g. unmaps a mapping."""
+    samples: dict[str, list[float]] = {name: [] for name in kinds}
+    clock = time.perf_counter
+    for round_number in range(rounds):
+        for name, call in kinds.items():
+            kept = samples[name]
+            for _ in range(per_round):
+                start = clock()
+                result = await call()
+                elapsed = clock() - start
+                if round_number:
+                    kept.append(elapsed)
+                if after is not None:
+                    await after(name, result)
+    return samples
+
+
+def ratio(value: float, baseline: float | None) -> float | None:
+    if baseline is None or not baseline or math.isnan(baseline):
+        return None
+    return value / baseline
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+class Bench:
+    def __init__(self, plan: Plan, workdir: Path) -> None:
+        self.plan = plan
+        self.workdir = workdir
+        self.socket = str(workdir / "broker.sock")
+        self.figures: list[Figure] = []
+        self.baselines: dict[str, Any] = {}
+        self.children: list[Child] = []
+        self.broker: Child | None = None
+        self.echo_call: Any = None
+        self.seqpacket: SeqpacketClient | None = None
+
+    # ---------------------------------------------------------------- set-up
+
+    async def start(self) -> None:
+        progress("starting the broker and the baseline servers")
+        self.broker = start_broker(self.socket, self.workdir, self.plan.subscribers)
+        self.children.append(self.broker)
+        echo = Child("grpc-echo", [sys.executable, "-m", "bench.baselines", "grpc-echo", str(self.workdir / "echo.sock")],
+                     self.workdir, ready_line=True)
+        self.children.append(echo)
+        floor = Child("seqpacket", [sys.executable, "-m", "bench.baselines", "seqpacket", str(self.workdir / "seq.sock")],
+                      self.workdir, ready_line=True)
+        self.children.append(floor)
+        self.echo_channel = grpc.aio.insecure_channel(f"unix:{self.workdir / 'echo.sock'}")
+        self.echo_call = self.echo_channel.unary_unary(ECHO_METHOD)
+        self.seqpacket = SeqpacketClient(str(self.workdir / "seq.sock"))
+
+    async def stop(self) -> None:
+        if self.seqpacket is not None:
+            self.seqpacket.close()
+        if self.echo_call is not None:
+            await self.echo_channel.close()
+        for child in reversed(self.children):
+            code = child.stop()
+            if child is self.broker and code not in (0, None):
+                progress(f"the broker exited with {code}: {child.log_tail()}")
+
+    async def connect(self, domid: int, name: str) -> Any:
+        return await grant_broker_client.connect(self.socket, domid=domid, client_name=name)
+
+    async def bare_grpc(self) -> None:
+        await self.echo_call(b"grant-broker-bench")
+
+    async def floor(self) -> None:
+        assert self.seqpacket is not None
+        self.seqpacket.round_trip()
+
+    def add(self, figure: Figure) -> None:
+        self.figures.append(figure)
+        shown = f"{figure.value:,.1f} {figure.unit}"
+        if figure.ratio is not None:
+            shown += f" ({figure.ratio:.2f}x {figure.baseline_name})"
+        progress(f"  {figure.title}: {shown}")
+
+    # ---------------------------------------------------------------- 1. map round trip
+
+    async def map_round_trip(self) -> None:
+        plan = self.plan
+        progress(f"map round trip: {plan.rounds - 1} rounds of {plan.per_round} (+1 warm-up round), with both floors")
+        sharer, mapper = await self.connect(1, "bench-sharer"), await self.connect(2, "bench-mapper")
+        try:
+            async with await sharer.gntalloc.share(2, 1) as pages:
+                pages.view[0] = 0x5A
+                ref = pages.refs[0]
+
+                async def map_one() -> Any:
+                    mapping = await mapper.gntdev.map([(1, ref)], writable=False)
+                    if mapping.view[0] != 0x5A:
+                        raise AssertionError("the mapped page does not hold the granter's byte")
+                    return mapping
+
+                async def unmap(kind: str, result: Any) -> None:
+                    if kind == "broker":
+                        await result.aclose()
+
+                samples = await timed_rounds(
+                    {"broker": map_one, "grpc": self.bare_grpc, "seqpacket": self.floor}, plan.rounds, plan.per_round, unmap
+                )
+        finally:
+            await sharer.close()
+            await mapper.close()
+        grpc_time = Summary.of(us(samples["grpc"]))
+        floor_time = Summary.of(us(samples["seqpacket"]))
+        self.baselines["grpc_unary_us"] = dataclasses.asdict(grpc_time)
+        self.baselines["seqpacket_fd_us"] = dataclasses.asdict(floor_time)
+        self.grpc_median_us = grpc_time.median
+        broker = Summary.of(us(samples["broker"]))
+        self.add(Figure(
+            "map_round_trip", "map round trip (1 grant: map, fd, mmap, read)", "µs", broker.median, broker,
+            grpc_time.median, "bare gRPC unary", ratio(broker.median, grpc_time.median), "≤ 1.3x bare gRPC",
+            broker.median <= 1.3 * grpc_time.median,
+            {"vs_seqpacket_floor": ratio(broker.median, floor_time.median), "seqpacket_floor_us": floor_time.median},
+        ))
+        self.add(Figure("baseline_grpc_unary", "baseline: bare grpc.aio unary call", "µs", grpc_time.median, grpc_time))
+        self.add(Figure("baseline_seqpacket_fd", "baseline: SEQPACKET request + fd (+mmap, read)", "µs",
+                        floor_time.median, floor_time))
+
+    # ---------------------------------------------------------------- 2. batched map
+
+    async def batched_map(self) -> None:
+        plan = self.plan
+        refs_per_batch = plan.batch_refs
+        progress(f"batched map: {plan.batch_reps} batches of {refs_per_batch} refs (+warm-up), each mapped then unmapped")
+        sharer, mapper = await self.connect(3, "bench-batch-sharer"), await self.connect(4, "bench-batch-mapper")
+        try:
+            async with await sharer.gntalloc.share(4, refs_per_batch) as pages:
+                refs = [(3, ref) for ref in pages.refs]
+                map_times: list[float] = []
+                cycle_times: list[float] = []
+                clock = time.perf_counter
+                warmup = max(2, plan.batch_reps // 10)
+                for i in range(warmup + plan.batch_reps):
+                    start = clock()
+                    mapping = await mapper.gntdev.map(refs, writable=False)
+                    mapped = clock()
+                    if mapping.view[-PAGE] != 0:
+                        raise AssertionError("unexpected page contents")
+                    await mapping.aclose()
+                    done = clock()
+                    if i >= warmup:
+                        map_times.append(mapped - start)
+                        cycle_times.append(done - start)
+        finally:
+            await sharer.close()
+            await mapper.close()
+        cycle = Summary.of(us(cycle_times))
+        mapped_only = Summary.of(us(map_times))
+        rate = refs_per_batch / (cycle.median / 1e6)
+        ceiling = refs_per_batch / (self.grpc_median_us / 1e6)
+        self.add(Figure(
+            "batched_map", f"batched map ({refs_per_batch} refs, map+unmap)", "grants/s", rate, cycle,
+            ceiling, "1024 refs per bare gRPC call", ratio(rate, ceiling), "≥ 100,000 grants/s", rate >= 100_000,
+            {"map_only_us": dataclasses.asdict(mapped_only), "map_only_grants_per_s": refs_per_batch / (mapped_only.median / 1e6)},
+        ))
+
+    # ---------------------------------------------------------------- 3. events
+
+    async def _event_pair(self, listener_domid: int, notifier_domid: int) -> tuple[Any, Any, int, int]:
+        listener = await self.connect(listener_domid, "bench-listener")
+        notifier = await self.connect(notifier_domid, "bench-notifier")
+        offered = await listener.evtchn.bind_unbound_port(notifier_domid)
+        port = await notifier.evtchn.bind_interdomain(listener_domid, offered)
+        return listener, notifier, offered, port
+
+    async def event_latency(self) -> None:
+        plan = self.plan
+        progress(f"event latency, one subscriber: {plan.rounds - 1} rounds of {plan.per_round} (+1 warm-up), with bare gRPC")
+        listener, notifier, offered, port = await self._event_pair(10, 11)
+        try:
+            async with listener.evtchn.subscribe(ports=[offered]) as events:
+
+                async def notify_and_receive() -> None:
+                    sent = asyncio.ensure_future(notifier.evtchn.notify(port))
+                    event = await anext(events)
+                    await sent
+                    if getattr(event, "port", None) != offered:
+                        raise AssertionError(f"unexpected event {event!r}")
+
+                samples = await timed_rounds({"broker": notify_and_receive, "grpc": self.bare_grpc}, plan.rounds, plan.per_round)
+        finally:
+            await listener.close()
+            await notifier.close()
+        broker = Summary.of(us(samples["broker"]))
+        grpc_time = Summary.of(us(samples["grpc"]))
+        self.add(Figure(
+            "event_latency_1", "event latency, 1 subscriber (notify -> stream)", "µs", broker.median, broker,
+            grpc_time.median, "bare gRPC unary", ratio(broker.median, grpc_time.median), "≤ 1.5x bare gRPC",
+            broker.median <= 1.5 * grpc_time.median,
+        ))
+
+    async def event_fanout(self) -> None:
+        plan = self.plan
+        count = plan.subscribers
+        progress(f"event fan-out: {count} subscribers of one port, {plan.fanout_reps} notifications (+warm-up)")
+        listener, notifier, offered, port = await self._event_pair(12, 13)
+        per_subscriber: list[float] = []
+        last: list[float] = []
+        try:
+            subscriptions = []
+            try:
+                for _ in range(count):
+                    subscriptions.append(await listener.evtchn.subscribe(ports=[offered], queue_size=4))
+                clock = time.perf_counter
+                received = [0.0] * count
+                remaining = 0
+                all_in = asyncio.Event()
+
+                async def reader(i: int, subscription: Any) -> None:
+                    nonlocal remaining
+                    async for _event in subscription:
+                        received[i] = clock()
+                        remaining -= 1
+                        if remaining == 0:
+                            all_in.set()
+
+                readers = [asyncio.ensure_future(reader(i, s)) for i, s in enumerate(subscriptions)]
+                try:
+                    warmup = max(2, plan.fanout_reps // 10)
+                    for rep in range(warmup + plan.fanout_reps):
+                        remaining = count
+                        all_in.clear()
+                        start = clock()
+                        await notifier.evtchn.notify(port)
+                        await asyncio.wait_for(all_in.wait(), 60)
+                        if rep >= warmup:
+                            per_subscriber.extend(t - start for t in received)
+                            last.append(max(received) - start)
+                finally:
+                    for task in readers:
+                        task.cancel()
+                    await asyncio.gather(*readers, return_exceptions=True)
+            finally:
+                for subscription in subscriptions:
+                    await subscription.close()
+        finally:
+            await listener.close()
+            await notifier.close()
+        each = Summary.of(us(per_subscriber))
+        everyone = Summary.of(us(last))
+        self.add(Figure(
+            "event_fanout", f"event fan-out, {count} subscribers: p99 per subscriber", "µs", each.p99, each,
+            self.grpc_median_us, "bare gRPC unary", ratio(each.p99, self.grpc_median_us), "p99 reported",
+            None, {"subscribers": count, "all_delivered_us": dataclasses.asdict(everyone)},
+        ))
+
+    # ---------------------------------------------------------------- 4. grant copy
+
+    async def grant_copy(self) -> None:
+        plan = self.plan
+        largest = max(plan.copy_sizes)
+        progress(f"grant copy: sizes {', '.join(_size(s) for s in plan.copy_sizes)}, {plan.copy_reps} calls each path "
+                 f"(+warm-up), and memcpy")
+        sharer, copier = await self.connect(5, "bench-copy-sharer"), await self.connect(6, "bench-copier")
+        try:
+            async with await sharer.gntalloc.share(6, largest // PAGE) as pages:
+                pages.view[:] = os.urandom(largest)
+                expected = bytes(pages.view)
+                async with await copier.gntdev.copy_buffer(largest) as buffer:
+                    for size in plan.copy_sizes:
+                        await self._copy_size(copier, pages.refs, buffer, size, expected)
+                    await self._copy_pipelined(copier, pages.refs, buffer, largest)
+        finally:
+            await sharer.close()
+            await copier.close()
+
+    async def _copy_size(self, copier: Any, refs: Sequence[int], buffer: Any, size: int, expected: bytes) -> None:
+        plan = self.plan
+        pages = size // PAGE
+        to_buffer = [CopySegment(Foreign(5, refs[i]), Local(buffer, i * PAGE), PAGE) for i in range(pages)]
+        to_bytes = [CopySegment(Foreign(5, refs[i]), None, PAGE) for i in range(pages)]
+
+        async def via_buffer() -> None:
+            results = await copier.gntdev.grant_copy(to_buffer)
+            if not results[-1].ok:
+                raise AssertionError(f"grant copy failed: {results[-1].status_name}")
+
+        async def via_bytes() -> None:
+            results = await copier.gntdev.grant_copy(to_bytes)
+            if not results[-1].ok or len(results[-1].data) != PAGE:
+                raise AssertionError("grant copy (inline bytes) failed")
+
+        rounds = 5
+        per_round = max(1, plan.copy_reps // (rounds - 1))
+        samples = await timed_rounds({"buffer": via_buffer, "bytes": via_bytes}, rounds, per_round)
+        if bytes(buffer.view[:size]) != expected[:size]:
+            raise AssertionError("the copy buffer does not hold the granted bytes")
+        memcpy = Summary.of(memcpy_seconds(size, max(200, plan.copy_reps)))
+        memcpy_rate = size / memcpy.median / 1e9
+        self.baselines[f"memcpy_{_size(size)}_GBps"] = memcpy_rate
+        target_size = size == MIB
+        for path, title in (("buffer", "shared buffer"), ("bytes", "protobuf bytes")):
+            times = Summary.of(us(samples[path]))
+            rate = size / (times.median / 1e6) / 1e9
+            is_target = target_size and path == "buffer"
+            self.add(Figure(
+                f"grant_copy_{path}_{_size(size)}", f"grant copy {_size(size)}, {title}", "GB/s", rate, times,
+                memcpy_rate, "memcpy", ratio(rate, memcpy_rate),
+                "≥ 50% of memcpy" if is_target else "reported", (rate >= 0.5 * memcpy_rate) if is_target else None,
+            ))
+
+    async def _copy_pipelined(self, copier: Any, refs: Sequence[int], buffer: Any, size: int) -> None:
+        """Throughput with several calls in flight, each into its own part of the buffer... of the same size."""
+        plan = self.plan
+        depth = plan.pipeline_depth
+        pages = size // PAGE
+        segments = [CopySegment(Foreign(5, refs[i]), Local(buffer, i * PAGE), PAGE) for i in range(pages)]
+        calls = max(depth * 4, plan.copy_reps)
+        for _ in range(depth):  # warm-up
+            await copier.gntdev.grant_copy(segments)
+        start = time.perf_counter()
+        for _ in range(calls // depth):
+            await asyncio.gather(*(copier.gntdev.grant_copy(segments) for _ in range(depth)))
+        elapsed = time.perf_counter() - start
+        done = (calls // depth) * depth
+        rate = done * size / elapsed / 1e9
+        memcpy_rate = self.baselines[f"memcpy_{_size(size)}_GBps"]
+        self.add(Figure(
+            f"grant_copy_buffer_{_size(size)}_pipelined", f"grant copy {_size(size)}, shared buffer, {depth} in flight",
+            "GB/s", rate, None, memcpy_rate, "memcpy", ratio(rate, memcpy_rate), "≥ 50% of memcpy",
+            rate >= 0.5 * memcpy_rate, {"calls": done, "seconds": elapsed},
+        ))
+
+    # ---------------------------------------------------------------- 5. scale
+
+    async def scale(self) -> None:
+        plan = self.plan
+        assert self.broker is not None
+        pid = self.broker.pid
+        workers = max(1, min(plan.workers, plan.sessions))
+        progress(f"scale: {plan.sessions} sessions x {plan.mappings} mappings in {workers} client processes, "
+                 f"then {plan.in_flight} calls in flight")
+        sharer = await self.connect(20, "bench-scale-sharer")
+        try:
+            async with await sharer.gntalloc.share(21, plan.mappings) as pages:
+                await asyncio.sleep(0.2)
+                rss_before, fds_before = vm_rss_kib(pid), fd_count(pid)
+                shares = [plan.sessions // workers + (1 if w < plan.sessions % workers else 0) for w in range(workers)]
+                started = time.perf_counter()
+                procs = [
+                    await asyncio.create_subprocess_exec(
+                        sys.executable, "-m", "bench.scale_worker",
+                        json.dumps({"socket": self.socket, "sessions": n, "mappings": plan.mappings, "granter": 20,
+                                    "domid": 21, "refs": list(pages.refs), "worker": w}),
+                        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                        cwd=Path(__file__).resolve().parent.parent,
+                    )
+                    for w, n in enumerate(shares)
+                ]
+                try:
+                    ready = await asyncio.gather(*(_answer(p, "ready", 600) for p in procs))
+                    setup_seconds = time.perf_counter() - started
+                    opened = sum(r["sessions"] for r in ready)
+                    setup_failed = sum(r["failed"] for r in ready)
+                    await asyncio.sleep(0.5)
+                    rss_held, fds_held = vm_rss_kib(pid), fd_count(pid)
+                    progress(f"  {opened} sessions ({setup_failed} failed) holding {sum(r['mappings'] for r in ready)} "
+                             f"mappings after {setup_seconds:.1f}s; broker RSS {rss_before} -> {rss_held} KiB, "
+                             f"fds {fds_before} -> {fds_held}")
+                    per_worker = [plan.in_flight // workers + (1 if w < plan.in_flight % workers else 0) for w in range(workers)]
+                    for proc, calls in zip(procs, per_worker):
+                        _command(proc, {"cmd": "burst", "calls": calls})
+                    bursts = await asyncio.gather(*(_answer(p, "burst", 600) for p in procs))
+                    for proc in procs:
+                        _command(proc, {"cmd": "close"})
+                    await asyncio.gather(*(_answer(p, "closed", 120) for p in procs))
+                finally:
+                    for proc in procs:
+                        if proc.returncode is None:
+                            with contextlib.suppress(ProcessLookupError):
+                                proc.kill()
+                        await proc.wait()
+                await asyncio.sleep(0.5)
+                fds_after = fd_count(pid)
+        finally:
+            await sharer.close()
+        failed = sum(b["failed"] for b in bursts)
+        errors = [e for b in bursts for e in b["errors"]][:5]
+        intervals = [tuple(i) for b in bursts for i in b["intervals"]]
+        peak = _peak_overlap(intervals)
+        call_times = Summary.of([(end - start) / 1e3 for start, end in intervals])
+        burst_seconds = max(b["seconds"] for b in bursts)
+        sessions = max(opened, 1)
+        rss_per_session = (rss_held - rss_before) / sessions
+        fds_per_session = (fds_held - fds_before) / sessions
+        self.add(Figure(
+            "scale_rss_per_session", f"broker RSS per session ({opened} sessions x {plan.mappings} mappings)", "KiB",
+            rss_per_session, None, None, None, None, "≤ 64 KiB", rss_per_session <= 64,
+            {"rss_before_kib": rss_before, "rss_held_kib": rss_held, "sessions": opened, "setup_failed": setup_failed,
+             "setup_seconds": setup_seconds},
+        ))
+        self.add(Figure(
+            "scale_fds_per_session", "broker fds per session", "fds", fds_per_session, None, None, None, None,
+            "reported", None, {"fds_before": fds_before, "fds_held": fds_held, "fds_after_release": fds_after},
+        ))
+        self.add(Figure(
+            "scale_in_flight_failures", f"{plan.in_flight} calls in flight across {workers} processes: failures",
+            "calls", float(failed), call_times, None, None, None, "0 failures", failed == 0 and setup_failed == 0,
+            {"calls": sum(b["calls"] for b in bursts), "peak_in_flight": peak, "seconds": burst_seconds,
+             "calls_per_second": sum(b["calls"] for b in bursts) / burst_seconds if burst_seconds else None,
+             "errors": errors},
+        ))
+
+    # ---------------------------------------------------------------- all
+
+    async def run(self) -> None:
+        await self.map_round_trip()
+        await self.batched_map()
+        await self.event_latency()
+        await self.event_fanout()
+        await self.grant_copy()
+        await self.scale()
+
+
+def _size(size: int) -> str:
+    return f"{size // MIB}MiB" if size >= MIB else f"{size // KIB}KiB"
+
+
+def _command(proc: asyncio.subprocess.Process, command: dict[str, Any]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write((json.dumps(command) + "\n").encode())
+
+
+async def _answer(proc: asyncio.subprocess.Process, event: str, timeout: float) -> dict[str, Any]:
+    assert proc.stdout is not None
+    async with asyncio.timeout(timeout):
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"a scale worker exited (code {await proc.wait()}) before answering {event!r}")
+            answer = json.loads(line)
+            if answer.get("event") == event:
+                return answer
+
+
+def _peak_overlap(intervals: Sequence[tuple[int, int]]) -> int:
+    """The most intervals open at one instant."""
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    peak = current = 0
+    for _, step in edges:
+        current += step
+        peak = max(peak, current)
+    return peak
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if abs(value) >= 10_000:
+        return f"{value:,.0f}"
+    return f"{value:,.{digits}f}"
+
+
+def table(figures: Sequence[Figure]) -> str:
+    header = ("figure", "min µs", "median µs", "p99 µs", "value", "baseline", "ratio", "target", "met")
+    rows = [header]
+    for f in figures:
+        digits = 2 if f.unit in ("GB/s", "fds") else (1 if f.unit == "KiB" else 0)
+        rows.append((
+            f.title,
+            _fmt(f.time.min if f.time else None),
+            _fmt(f.time.median if f.time else None),
+            _fmt(f.time.p99 if f.time else None),
+            f"{_fmt(f.value, digits)} {f.unit}",
+            f"{_fmt(f.baseline, digits)} {f.unit}" if f.baseline is not None else "-",
+            f"{f.ratio:.2f}x" if f.ratio is not None else "-",
+            f.target,
+            {True: "yes", False: "NO", None: "-"}[f.met],
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [cell.ljust(widths[i]) if i == 0 or i >= 7 else cell.rjust(widths[i]) for i, cell in enumerate(row)]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def to_json(figures: Sequence[Figure], baselines: dict[str, Any], info: dict[str, Any], mode: str, plan: Plan,
+            seconds: float) -> dict[str, Any]:
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    return clean({
+        "mode": mode,
+        "seconds": seconds,
+        "machine": info,
+        "plan": dataclasses.asdict(plan),
+        "baselines": baselines,
+        "figures": {f.name: dataclasses.asdict(f) for f in figures},
+    })
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and 100 sessions (about a minute)")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write the figures (default {DEFAULT_JSON})")
+    tune = parser.add_argument_group("overrides (for the smoke test and experiments)")
+    for name in ("rounds", "per_round", "batch_reps", "subscribers", "fanout_reps", "copy_reps", "sessions", "mappings",
+                 "in_flight", "workers", "pipeline_depth"):
+        tune.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
+    tune.add_argument("--copy-sizes", default=None, help="comma-separated sizes in KiB (default 4,16,64,256,1024)")
+    return parser.parse_args(argv)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    plan = QUICK_PLAN if args.quick else DEFAULT_PLAN
+    overrides = {name: getattr(args, name) for name in (
+        "rounds", "per_round", "batch_reps", "subscribers", "fanout_reps", "copy_reps", "sessions", "mappings",
+        "in_flight", "workers", "pipeline_depth") if getattr(args, name) is not None}
+    if args.copy_sizes:
+        overrides["copy_sizes"] = tuple(int(s) * KIB for s in args.copy_sizes.split(","))
+    plan = dataclasses.replace(plan, **overrides)
+    if plan.rounds < 2:
+        raise SystemExit("--rounds must be at least 2 (the first round is warm-up)")
+    return plan
+
+
+async def amain(args: argparse.Namespace) -> int:
+    plan = make_plan(args)
+    soft, _ = raise_fd_limit()
+    info = machine()
+    info["rlimit_nofile"] = soft
+    mode = "quick" if args.quick else "default"
+    progress(f"{mode} run on {info['nproc']} x {info['cpu']}, Python {info['python']}, grpcio {info['grpcio']}")
+    began = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="gb-bench-"))
+    bench = Bench(plan, workdir)
+    try:
+        await bench.start()
+        await bench.run()
+    finally:
+        await bench.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    seconds = time.perf_counter() - began
+    info["loadavg_at_end"] = os.getloadavg()[0]
+    print(table(bench.figures))
+    print(f"\n{mode} run, {seconds:.0f} s; {info['nproc']} x {info['cpu']}; Python {info['python']}; "
+          f"grpcio {info['grpcio']}; load average {info['loadavg_at_start']:.2f} -> {info['loadavg_at_end']:.2f}")
+    result = to_json(bench.figures, bench.baselines, info, mode, plan, seconds)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    progress(f"wrote {args.json}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return uvloop.run(amain(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""End to end on a real Xen: ``grant-broker serve --backend xen`` and SDK clients in dom0.
+
+Runs only where ``/dev/xen/gntdev`` exists (``tests/xen/ci-suite`` boots a
+real Xen 4.17 under QEMU and runs it in dom0); skips elsewhere.
+
+The broker is its own process, the test process is one client (the sharer)
+and a child Python process the other (the mapper), so the page, the span
+descriptors and the event channel really cross three processes, and the
+mapper can really be SIGKILLed.  In dom0 there is one domain: the sharer
+grants to domain 0, the mapper maps domain 0's grant, and the event channel
+is a loopback in domain 0 — the same hypercalls as between two domains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+import grant_broker_client
+from grant_broker.uapi.gntdev import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
+from grant_broker.v1 import broker_pb2
+from grant_broker_client.evtchn import PortFired
+
+pytestmark = [
+    pytest.mark.xen,
+    pytest.mark.skipif(not os.path.exists("/dev/xen/gntdev"), reason="needs a real Xen (dom0): no /dev/xen/gntdev here"),
+]
+
+# Python under QEMU's software emulation is 15-25x slower, and its start-up
+# over 9p (import grpc) takes seconds: steps get generous bounds.
+BROKER_START_TIMEOUT = 180
+STEP_TIMEOUT = 120
+QUIET_PERIOD = 1.0
+
+
+@dataclass
+class Broker:
+    socket_path: str
+    process: subprocess.Popen[str]
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[Broker]:
+    """``grant-broker serve --backend xen`` for the whole module (it is slow to start here)."""
+    with tempfile.TemporaryDirectory(prefix="gb-") as directory:
+        socket_path = os.path.join(directory, "broker.sock")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "grant_broker.cli", "--socket", socket_path, "serve", "--backend", "xen", "--grace", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        try:
+            deadline = time.monotonic() + BROKER_START_TIMEOUT
+            while not (os.path.exists(socket_path) and os.path.exists(socket_path + ".fds")):
+                if process.poll() is not None:
+                    raise RuntimeError(f"the broker exited with {process.returncode}: {process.stdout.read() if process.stdout else ''}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the broker did not start within {BROKER_START_TIMEOUT} s")
+                time.sleep(0.1)
+            yield Broker(socket_path, process)
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            output = process.stdout.read() if process.stdout else ""
+            if process.stdout:
+                process.stdout.close()
+            if process.returncode not in (0, -signal.SIGTERM):
+                print(output)  # shown with the failure
+
+
+class Child:
+    """A client process; ``say``/``expect`` exchange lines with it."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    @classmethod
+    async def start(cls, script: str, *args: str, pass_fds: tuple[int, ...] = ()) -> Child:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", textwrap.dedent(script), *args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=pass_fds,
+        )
+        return cls(process)
+
+    async def expect(self, prefix: str) -> str:
+        assert self.process.stdout is not None
+        line = (await asyncio.wait_for(self.process.stdout.readline(), STEP_TIMEOUT)).decode().strip()
+        if not line.startswith(prefix):
+            raise AssertionError(f"child said {line!r}, expected {prefix!r}")
+        return line[len(prefix) :].strip()
+
+    async def say(self, line: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line.encode() + b"\n")
+        await self.process.stdin.drain()
+
+    async def finish(self) -> int:
+        if self.process.returncode is None and self.process.stdin is not None:
+            self.process.stdin.close()
+        return await asyncio.wait_for(self.process.wait(), STEP_TIMEOUT)
+
+
+@pytest.fixture
+async def children() -> AsyncIterator[list[Child]]:
+    started: list[Child] = []
+    yield started
+    for child in started:
+        if child.process.returncode is None:
+            child.process.kill()
+        await child.process.wait()
+    await asyncio.sleep(0)
+
+
+MAPPER_SCRIPT = """
+    import asyncio, sys
+    import grant_broker_client
+
+    async def main(socket_path, ref, offered):
+        session = await grant_broker_client.connect(socket_path, client_name="mapper child")
+        info = await session.describe()
+        domid = info.domid
+        mapping = await session.gntdev.map([(domid, ref)])
+        print("saw", bytes(mapping.view[0:11]).decode(), flush=True)
+        mapping.view[100:111] = b"from mapper"
+        port = await session.evtchn.bind_interdomain(remote_domain=domid, remote_port=offered)
+        await mapping.set_unmap_notify(200, 0x1 | 0x2, port)     # CLEAR_BYTE | SEND_EVENT
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+        print("saw", bytes(mapping.view[300:306]).decode(), flush=True)
+        await asyncio.to_thread(sys.stdin.readline)              # wait to be killed
+
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+"""
+
+
+async def test_two_processes_share_a_page_and_the_unmap_notify_arrives_on_a_stream(
+    broker: Broker, children: list[Child]
+) -> None:
+    assert UNMAP_NOTIFY_CLEAR_BYTE | UNMAP_NOTIFY_SEND_EVENT == 0x3  # as the child script spells it
+    async with await grant_broker_client.connect(broker.socket_path, client_name="sharer") as sharer:
+        info = await sharer.describe()
+        assert info.capabilities.backend == "xen"
+        assert not info.capabilities.dmabuf  # Debian's kernel: ENOTTY, probed
+        domid = info.domid  # the broker's own domain: 0 in dom0
+        async with await sharer.gntalloc.share(domid, 1) as pages:
+            pages.view[0:11] = b"from sharer"
+            pages.view[200] = 0xEE  # the byte the mapper's notification clears
+            offered = await sharer.evtchn.bind_unbound_port(remote_domain=domid)
+            mapper = await Child.start(MAPPER_SCRIPT, broker.socket_path, str(pages.refs[0]), str(offered))
+            children.append(mapper)
+
+            # The mapper's mmap of its span is the real grant mapping: each side sees the other's writes.
+            assert await mapper.expect("saw") == "from sharer"
+            await mapper.expect("ready")
+            assert bytes(pages.view[100:111]) == b"from mapper"
+            pages.view[300:306] = b"second"
+            await mapper.say("check")
+            assert await mapper.expect("saw") == "second"
+
+            status = await sharer.call(sharer.broker.Status, broker_pb2.StatusRequest())
+            (held,) = [s for s in status.sessions if s.client_name == "mapper child"]
+            assert (held.usage.mappings, held.usage.mapped_grants, held.usage.event_channels) == (1, 1, 1)
+            assert pages.view[200] == 0xEE
+
+            async with sharer.evtchn.subscribe(ports=[offered]) as events:
+                next_event = asyncio.ensure_future(anext(events))
+                done, _ = await asyncio.wait({next_event}, timeout=QUIET_PERIOD)
+                assert not done  # nothing fires while the mapper lives (no false pass)
+                mapper.process.send_signal(signal.SIGKILL)
+                assert await mapper.finish() == -signal.SIGKILL
+                # The mapper's memory went with it, and the broker released its
+                # session: the real gntdev notification fires to the sharer's port.
+                event = await asyncio.wait_for(next_event, STEP_TIMEOUT)
+                assert event == PortFired(offered)
+            assert pages.view[200] == 0  # CLEAR_BYTE, done by the kernel at the mapper's munmap
+
+
+CONSUMER_SCRIPT = """
+    import mmap, sys
+    fd, length = int(sys.argv[1]), int(sys.argv[2])
+    with mmap.mmap(fd, length, mmap.MAP_SHARED) as memory:   # offset 0, as an X server would
+        print("saw", memory[length - 6:].decode(), flush=True)
+        memory[0:8] = b"consumer"
+    print("done", flush=True)
+"""
+
+
+async def test_map_to_fd_gives_a_fresh_instance_mappable_at_offset_0(broker: Broker, children: list[Child]) -> None:
+    async with await grant_broker_client.connect(broker.socket_path, client_name="sharer") as sharer, \
+            await grant_broker_client.connect(broker.socket_path, client_name="compositor") as compositor:
+        domid = (await sharer.describe()).domid
+        async with await sharer.gntalloc.share(domid, 2) as pages:
+            pages.view[-6:] = b"window"
+            async with await compositor.gntdev.map_to_fd([(domid, ref) for ref in pages.refs]) as grant_fd:
+                fd = grant_fd.fd.fileno()
+                consumer = await Child.start(CONSUMER_SCRIPT, str(fd), str(grant_fd.length), pass_fds=(fd,))
+                children.append(consumer)
+                assert await consumer.expect("saw") == "window"
+                await consumer.expect("done")
+                assert await consumer.finish() == 0
+            assert bytes(pages.view[0:8]) == b"consumer"
