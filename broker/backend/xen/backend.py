@@ -34,6 +34,7 @@ Capabilities are probed on a throw-away gntdev instance:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import logging
@@ -213,7 +214,9 @@ class XenBackend(Backend):
         self.domid_source = domid.how
         self.vmid = MEM_BUF_VMID_PRIMARY_VM
         self.devices = devices
-        self._capabilities = capabilities
+        self._capabilities = dataclasses.replace(
+            capabilities, notes=(f"domain id {domid.domid}: {domid.how}", *capabilities.notes)
+        )
         self._opened: list[Any] = []
         self._closed = False
 

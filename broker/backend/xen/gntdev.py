@@ -10,7 +10,7 @@ Spans: a fresh gntdev instance per :meth:`~XenGntdev.map_memory`
 The hypervisor maps grants when the gntdev file is mmapped, and on a PV dom0
 (the usual kind) Linux 6.1 lets each mapping be mmapped **once in its
 lifetime**: a second mmap, even after the first was unmapped, fails with
-EINVAL (seen on Xen 4.17 + Linux 6.1; ``gntdev_mmap`` keeps ``map->vma``).
+EINVAL (observed on Xen 4.17 + Linux 6.1 PV dom0).
 The broker therefore cannot mmap the pages itself and then hand them on.
 :meth:`~XenGntdev.map_memory` instead
 
