@@ -180,6 +180,9 @@ class _Mapping:
     refs: tuple[GrantRef, ...]
     # The dedicated instance of MapMemory(fresh_instance): closed with the mapping.
     fresh: GntdevInstance | None = None
+    # MapMemory calls so far: a backend may keep a descriptor per call until
+    # the mapping goes (the Xen backend does), so they are bounded.
+    handouts: int = 0
 
     @property
     def count(self) -> int:
@@ -338,7 +341,7 @@ class GntdevService(gntdev_pb2_grpc.GntdevServicer):
             with contextlib.suppress(BrokerError):
                 instance.unmap_grant_ref(index, count)
             raise
-        state.mappings[index] = _Mapping(refs)
+        state.mappings[index] = _Mapping(refs, handouts=1)
         session.usage.mappings += 1
         session.usage.mapped_grants += count
         # Recorded before the await: if the session ends while the
@@ -371,10 +374,12 @@ class GntdevService(gntdev_pb2_grpc.GntdevServicer):
         session = self.registry.session_for(context)
         state = gntdev_state(session)
         mapping = _mapping_at(op, state, request.index, request.count)
+        session.check_quota(op, "memory hand-outs of this mapping", mapping.handouts, 1, session.limits.max_map_memory_per_mapping)
         if request.fresh_instance:
             spans = self._map_fresh(op, session, mapping, request.writable)
         else:
             spans = session.gntdev.map_memory(request.index, request.count, writable=request.writable)
+        mapping.handouts += 1
         transfer, messages = await send_spans(session, spans)
         return gntdev_pb2.MapMemoryResponse(fd_transfer=transfer, spans=messages)
 

@@ -57,6 +57,7 @@ class Limits:
     max_ports_per_session: int = 4096
     max_pending_fd_frames: int = 16
     max_subscriptions_per_session: int = 64
+    max_map_memory_per_mapping: int = 64
     fd_frame_wait_seconds: float = 5.0
     hello_timeout_seconds: float = 5.0
 
@@ -226,6 +227,10 @@ class Session:
             raise BrokerError(errno.EBADF, operation, "the request names no fd transfer (fd_transfer is 0)")
         fds = self._incoming.pop(transfer_id, None)
         if fds is None:
+            if transfer_id in self._incoming_waiters:
+                raise BrokerError(errno.EBADF, operation, f"another call is already waiting for transfer id {transfer_id}")
+            if self.closed.is_set():
+                raise BrokerError(errno.ECANCELED, operation, "the session has ended")
             waiter: asyncio.Future[list[OwnedFd]] = asyncio.get_running_loop().create_future()
             self._incoming_waiters[transfer_id] = waiter
             try:
@@ -237,8 +242,17 @@ class Session:
                     operation,
                     f"no descriptors arrived on the fd channel under transfer id {transfer_id}",
                 ) from None
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if waiter.cancelled() and self.closed.is_set() and not (task and task.cancelling()):
+                    # release() cancelled the wait, not the call's own cancellation.
+                    raise BrokerError(
+                        errno.ECANCELED, operation, f"the session ended while waiting for transfer id {transfer_id}"
+                    ) from None
+                raise
             finally:
-                self._incoming_waiters.pop(transfer_id, None)
+                if self._incoming_waiters.get(transfer_id) is waiter:
+                    del self._incoming_waiters[transfer_id]
         try:
             for index in indexes:
                 if not 0 <= index < len(fds):

@@ -223,6 +223,27 @@ class TestQuota:
                 assert "limit is 4" in raised.value.detail
 
 
+class TestMemoryHandouts:
+    @pytest.fixture
+    def broker_limits(self) -> Limits:
+        return Limits(max_map_memory_per_mapping=2)
+
+    async def test_memory_of_one_mapping_is_handed_out_a_bounded_number_of_times(
+        self, sharer: Session, mapper: Session
+    ) -> None:
+        # The Xen backend keeps a descriptor per hand-out until the unmap: unbounded
+        # MapMemory calls on one mapping would grow the broker without limit.
+        async with await sharer.gntalloc.share(MAPPER, 1) as pages:
+            index = await mapper.gntdev.map_grant_refs([(SHARER, pages.refs[0])])
+            for _ in range(2):
+                for span in await mapper.gntdev.map_memory(index, 1, writable=True):
+                    span.close()
+            with pytest.raises(BrokerClientError) as raised:
+                await mapper.gntdev.map_memory(index, 1, writable=True)
+            assert (raised.value.errno, raised.value.code) == (errno.EDQUOT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            await mapper.gntdev.unmap_grant_ref(index, 1)
+
+
 # --------------------------------------------------------------------------- grant copy
 
 
