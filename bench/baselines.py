@@ -41,9 +41,11 @@ async def _serve_grpc_echo(path: str) -> None:
         return request
 
     # The broker's own server options, so the floor is the same server.
-    server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", 16 * 1024 * 1024), ("grpc.max_concurrent_streams", 100_000)]
-    )
+    try:
+        from grant_broker.service.server import SERVER_OPTIONS as options
+    except ImportError:  # a broker from before SERVER_OPTIONS
+        options = [("grpc.max_receive_message_length", 16 * 1024 * 1024), ("grpc.max_concurrent_streams", 100_000)]
+    server = grpc.aio.server(options=list(options))
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),)
     )

@@ -209,9 +209,12 @@ class Child:
         return self.process.returncode
 
 
-def start_broker(socket_path: str, log_dir: Path, subscribers: int) -> Child:
+def start_broker(socket_path: str, log_dir: Path, subscribers: int, profile: Path | None = None) -> Child:
+    # Under cProfile when asked: the broker exits cleanly on SIGTERM, which
+    # is when cProfile writes its statistics.
+    profiler = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
     argv = [
-        sys.executable, "-m", "grant_broker.cli", "--socket", socket_path, "--log-level", "warning",
+        sys.executable, *profiler, "-m", "grant_broker.cli", "--socket", socket_path, "--log-level", "warning",
         "serve", "--backend", "emulated", "--grace", "1",
         "--max-subscriptions-per-session", str(max(64, subscribers + 8)),
     ]
@@ -305,8 +308,9 @@ def ratio(value: float, baseline: float | None) -> float | None:
 
 
 class Bench:
-    def __init__(self, plan: Plan, workdir: Path) -> None:
+    def __init__(self, plan: Plan, workdir: Path, profile: Path | None = None) -> None:
         self.plan = plan
+        self.profile = profile
         self.workdir = workdir
         self.socket = str(workdir / "broker.sock")
         self.figures: list[Figure] = []
@@ -320,7 +324,7 @@ class Bench:
 
     async def start(self) -> None:
         progress("starting the broker and the baseline servers")
-        self.broker = start_broker(self.socket, self.workdir, self.plan.subscribers)
+        self.broker = start_broker(self.socket, self.workdir, self.plan.subscribers, self.profile)
         self.children.append(self.broker)
         echo = Child("grpc-echo", [sys.executable, "-m", "bench.baselines", "grpc-echo", str(self.workdir / "echo.sock")],
                      self.workdir, ready_line=True)
@@ -456,14 +460,22 @@ class Bench:
         try:
             async with listener.evtchn.subscribe(ports=[offered]) as events:
 
-                async def notify_and_receive() -> None:
+                async def notify_and_receive() -> Any:
+                    # Timed until the subscriber has the event; the notifier's
+                    # own reply is awaited after, untimed.
                     sent = asyncio.ensure_future(notifier.evtchn.notify(port))
                     event = await anext(events)
-                    await sent
                     if getattr(event, "port", None) != offered:
                         raise AssertionError(f"unexpected event {event!r}")
+                    return sent
 
-                samples = await timed_rounds({"broker": notify_and_receive, "grpc": self.bare_grpc}, plan.rounds, plan.per_round)
+                async def reply(kind: str, sent: Any) -> None:
+                    if kind == "broker":
+                        await sent
+
+                samples = await timed_rounds(
+                    {"broker": notify_and_receive, "grpc": self.bare_grpc}, plan.rounds, plan.per_round, reply
+                )
         finally:
             await listener.close()
             await notifier.close()
@@ -583,6 +595,8 @@ class Bench:
                 f"grant_copy_{path}_{_size(size)}", f"grant copy {_size(size)}, {title}", "GB/s", rate, times,
                 memcpy_rate, "memcpy", ratio(rate, memcpy_rate),
                 "≥ 50% of memcpy" if is_target else "reported", (rate >= 0.5 * memcpy_rate) if is_target else None,
+                # One call at a time can move no more than this: size / one bare call.
+                {"grpc_ceiling_GBps": size / (self.grpc_median_us / 1e6) / 1e9},
             ))
 
     async def _copy_pipelined(self, copier: Any, refs: Sequence[int], buffer: Any, size: int) -> None:
@@ -606,12 +620,36 @@ class Bench:
             "GB/s", rate, None, memcpy_rate, "memcpy", ratio(rate, memcpy_rate), "≥ 50% of memcpy",
             rate >= 0.5 * memcpy_rate, {"calls": done, "seconds": elapsed},
         ))
+        # The most any design moving one copy per gRPC call could reach: bare
+        # calls with as many in flight, as if each one carried `size` bytes.
+        for _ in range(depth):
+            await self.bare_grpc()
+        start = time.perf_counter()
+        for _ in range(calls // depth):
+            await asyncio.gather(*(self.bare_grpc() for _ in range(depth)))
+        bare_calls_per_second = done / (time.perf_counter() - start)
+        ceiling = bare_calls_per_second * size / 1e9
+        self.add(Figure(
+            "baseline_grpc_copy_ceiling", f"baseline: bare gRPC calls, {depth} in flight, x {_size(size)} each",
+            "GB/s", ceiling, None, memcpy_rate, "memcpy", ratio(ceiling, memcpy_rate), "reported", None,
+            {"calls_per_second": bare_calls_per_second, "depth": depth},
+        ))
 
     # ---------------------------------------------------------------- 5. scale
 
     async def scale(self) -> None:
         plan = self.plan
         assert self.broker is not None
+        # A fresh broker: memory the earlier figures freed (1000 subscriptions,
+        # copy buffers...) would otherwise be reused by these sessions and
+        # hide part of their cost.
+        code = self.broker.stop()
+        if code != 0:
+            progress(f"the broker exited with {code}: {self.broker.log_tail()}")
+        self.children.remove(self.broker)
+        profile = self.profile.with_name(self.profile.name + ".scale") if self.profile is not None else None
+        self.broker = start_broker(self.socket, self.workdir, self.plan.subscribers, profile)
+        self.children.append(self.broker)
         pid = self.broker.pid
         workers = max(1, min(plan.workers, plan.sessions))
         progress(f"scale: {plan.sessions} sessions x {plan.mappings} mappings in {workers} client processes, "
@@ -689,13 +727,12 @@ class Bench:
 
     # ---------------------------------------------------------------- all
 
-    async def run(self) -> None:
-        await self.map_round_trip()
-        await self.batched_map()
-        await self.event_latency()
-        await self.event_fanout()
-        await self.grant_copy()
-        await self.scale()
+    async def run(self, only: set[str] | None = None) -> None:
+        await self.map_round_trip()  # also measures the gRPC baseline the others use
+        for name, figure in (("batch", self.batched_map), ("events", self.event_latency), ("fanout", self.event_fanout),
+                             ("copy", self.grant_copy), ("scale", self.scale)):
+            if only is None or name in only:
+                await figure()
 
 
 def _size(size: int) -> str:
@@ -745,6 +782,8 @@ def table(figures: Sequence[Figure]) -> str:
     rows = [header]
     for f in figures:
         digits = 2 if f.unit in ("GB/s", "fds") else (1 if f.unit == "KiB" else 0)
+        if f.unit == "GB/s" and f.value < 1:
+            digits = 3
         rows.append((
             f.title,
             _fmt(f.time.min if f.time else None),
@@ -794,6 +833,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and 100 sessions (about a minute)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write the figures (default {DEFAULT_JSON})")
+    parser.add_argument("--profile-broker", type=Path, default=None, metavar="PATH",
+                        help="run the broker under cProfile and write its statistics to PATH (read with python -m pstats)")
+    parser.add_argument("--only", default=None, metavar="FIGURES",
+                        help="comma-separated subset of: map,batch,events,fanout,copy,scale (the map round trip, which "
+                             "measures the gRPC baseline, always runs)")
     tune = parser.add_argument_group("overrides (for the smoke test and experiments)")
     for name in ("rounds", "per_round", "batch_reps", "subscribers", "fanout_reps", "copy_reps", "sessions", "mappings",
                  "in_flight", "workers", "pipeline_depth"):
@@ -824,10 +868,13 @@ async def amain(args: argparse.Namespace) -> int:
     progress(f"{mode} run on {info['nproc']} x {info['cpu']}, Python {info['python']}, grpcio {info['grpcio']}")
     began = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="gb-bench-"))
-    bench = Bench(plan, workdir)
+    bench = Bench(plan, workdir, args.profile_broker.resolve() if args.profile_broker else None)
+    only = set(args.only.split(",")) if args.only else None
+    if only is not None and only - {"map", "batch", "events", "fanout", "copy", "scale"}:
+        raise SystemExit(f"--only: unknown figures {', '.join(sorted(only - {'map', 'batch', 'events', 'fanout', 'copy', 'scale'}))}")
     try:
         await bench.start()
-        await bench.run()
+        await bench.run(only)
     finally:
         await bench.stop()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import errno as _errno
 import socket
 import struct
 from collections.abc import Sequence
@@ -30,11 +31,30 @@ _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * _FD_SIZE)
 
 
 class ProtocolError(Exception):
-    """The peer broke the fd channel protocol; the channel must be closed."""
+    """The peer broke the fd channel protocol (or was refused); the channel must
+    be closed.  *errno* says why, for the peer (``ProtocolError.errno`` in the
+    frame): EPROTO unless the refusal has a more precise reason."""
+
+    def __init__(self, message: str, *, errno: int = _errno.EPROTO) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class ChannelClosed(EOFError):
     """The peer closed the fd channel."""
+
+
+class DescriptorsDropped(Exception):
+    """A well-formed transfer frame arrived, but the kernel could not install all
+    of its descriptors in this process (it is at its descriptor limit: the
+    kernel drops the rest and flags ``MSG_CTRUNC``).  Not the peer's fault: the
+    channel goes on; the descriptors that did arrive are closed."""
+
+    def __init__(self, transfer_id: int, announced: int, received: int) -> None:
+        super().__init__(f"{received} of the {announced} descriptors of transfer {transfer_id} could be received")
+        self.transfer_id = transfer_id
+        self.announced = announced
+        self.received = received
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +70,24 @@ def _wake(waiter: "asyncio.Future[None]") -> None:
     # The selector may report readiness again before the woken task runs.
     if not waiter.done():
         waiter.set_result(None)
+
+
+def _dropped_here(payload: bytes, received: int) -> DescriptorsDropped | None:
+    """For a truncated receive: a transfer frame announcing at most
+    MAX_FDS_PER_FRAME descriptors, of which fewer arrived, fitted the control
+    buffer — so the kernel stopped installing them because this process ran
+    out of descriptors, not because the peer sent too many."""
+    frame = FdFrame()
+    try:
+        frame.ParseFromString(payload)
+    except DecodeError:
+        return None
+    if frame.WhichOneof("body") != "transfer":
+        return None
+    announced = frame.transfer.fd_count
+    if received < announced <= MAX_FDS_PER_FRAME:
+        return DescriptorsDropped(frame.transfer.transfer_id, announced, received)
+    return None
 
 
 def _announced_fds(frame: FdFrame) -> int:
@@ -72,11 +110,29 @@ class FdChannel:
         self._receiving = False
 
     @classmethod
-    async def connect(cls, path: str) -> "FdChannel":
+    async def connect(cls, path: str, *, timeout: float = 10.0) -> "FdChannel":
+        """Connect to the listener at *path*.
+
+        An AF_UNIX connect never completes later: it succeeds at once or, on
+        a non-blocking socket whose listener's backlog is full, fails with
+        EAGAIN — which ``loop.sock_connect`` mistakes for "in progress",
+        leaving a socket that is not connected (ENOTCONN on the first send).
+        So a full backlog (a thousand clients reconnecting at once after a
+        broker restart) is retried here until *timeout*."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, path)
+            deadline = asyncio.get_running_loop().time() + timeout
+            pause = 0.001
+            while True:
+                try:
+                    sock.connect(path)
+                    break
+                except BlockingIOError:
+                    if asyncio.get_running_loop().time() + pause > deadline:
+                        raise
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.05)
         except BaseException:
             sock.close()
             raise
@@ -139,6 +195,9 @@ class FdChannel:
             if flags & socket.MSG_CTRUNC:
                 if not accept_fds:
                     raise ProtocolError("descriptors sent where none are accepted (they were dropped unopened)")
+                dropped = _dropped_here(payload, len(fds))
+                if dropped is not None:
+                    raise dropped
                 raise ProtocolError("descriptors were truncated (MSG_CTRUNC): too many in one frame")
             if flags & socket.MSG_TRUNC:
                 raise ProtocolError(f"frame larger than {MAX_FRAME_BYTES} bytes")
@@ -170,12 +229,20 @@ class FdChannel:
             raise RuntimeError("another task is already receiving on this fd channel")
         self._receiving = True
         loop = asyncio.get_running_loop()
+        reset = False
         try:
             while True:
                 try:
                     received = self.try_receive(accept_fds=accept_fds)
                 except ConnectionResetError:
-                    raise ChannelClosed("the peer reset the fd channel") from None
+                    # The peer closed with frames of ours unread.  Linux reports
+                    # that first (once) and then still delivers what the peer
+                    # sent before closing — typically the ProtocolError frame
+                    # saying why — so read on to the end.
+                    if reset:
+                        raise ChannelClosed("the peer reset the fd channel") from None
+                    reset = True
+                    continue
                 if received is not None:
                     return received
                 waiter = loop.create_future()

@@ -86,9 +86,9 @@ class Retry:
 
 def _retriable(error: BrokerClientError) -> bool:
     # UNAVAILABLE: no socket, connection refused, the broker hung up during
-    # the hello.  Anything else (a policy refusal, a bad domain) will not
-    # change by waiting.
-    return error.code == grpc.StatusCode.UNAVAILABLE
+    # the hello; EMFILE/ENFILE: the broker is out of descriptors for now.
+    # Anything else (a policy refusal, a bad domain) will not change by waiting.
+    return error.code == grpc.StatusCode.UNAVAILABLE or error.errno in (errno.EMFILE, errno.ENFILE)
 
 
 async def connect_with_retry(

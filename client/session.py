@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from grant_broker.fdchannel import ChannelClosed, FdChannel, ProtocolError, PROTOCOL_VERSION, MAX_FDS_PER_FRAME
+from grant_broker.fdchannel import (
+    MAX_FDS_PER_FRAME,
+    PROTOCOL_VERSION,
+    ChannelClosed,
+    DescriptorsDropped,
+    FdChannel,
+    ProtocolError,
+)
 from grant_broker.fds import OwnedFd
 from grant_broker.v1 import broker_pb2, broker_pb2_grpc
 from grant_broker.v1.fdchannel_pb2 import ClientHello, FdFrame, FdTransfer
@@ -57,6 +64,19 @@ CHANNEL_OPTIONS = (
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
 CONNECT_TIMEOUT = 10.0
+HELLO_TIMEOUT = 10.0
+
+
+def _refusal(operation: str, error: Any) -> BrokerClientError:
+    """The broker's ProtocolError frame as an error: its errno says why (0 from
+    brokers that did not say: a refusal, PERMISSION_DENIED)."""
+    from grant_broker.service.status import status_code_for
+
+    if not error.errno:
+        return BrokerClientError(errno.EPERM, operation, error.message, code=grpc.StatusCode.PERMISSION_DENIED)
+    return BrokerClientError(error.errno, operation, error.message, code=status_code_for(error.errno))
+
+
 # What calls of a session whose broker went away fail with, before the SDK
 # says so plainly: the dead connection, or a restarted broker that does not
 # know the token.
@@ -101,6 +121,7 @@ class Session:
         self._closed = False
         self._channel_error: BaseException | None = None
         self._broker_lost = False
+        self._failed_transfers: dict[int, BrokerClientError] = {}
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._next_transfer = itertools.count(1)
         self._send_lock = asyncio.Lock()
@@ -149,12 +170,17 @@ class Session:
         if vmid is not None:
             hello.vmid = vmid
         await self._fd_channel.send(FdFrame(client_hello=hello))
-        frame, fds = await self._fd_channel.receive()
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                frame, fds = await self._fd_channel.receive()
+        except TimeoutError:
+            raise BrokerClientError(errno.ETIMEDOUT, "open session", f"the broker did not answer the hello within {HELLO_TIMEOUT} s",
+                                    code=grpc.StatusCode.UNAVAILABLE) from None
         for fd in fds:
             fd.close()
         body = frame.WhichOneof("body")
         if body == "error":
-            raise BrokerClientError(errno.EPERM, "open session", frame.error.message, code=grpc.StatusCode.PERMISSION_DENIED)
+            raise _refusal("open session", frame.error)
         if body != "server_hello":
             raise ProtocolError(f"expected ServerHello, got {body}")
         server = frame.server_hello
@@ -165,7 +191,18 @@ class Session:
     async def _read_frames(self) -> None:
         try:
             while True:
-                frame, fds = await self._fd_channel.receive()
+                try:
+                    frame, fds = await self._fd_channel.receive()
+                except DescriptorsDropped as exc:
+                    # This process is out of descriptors: the call waiting for
+                    # them fails (RESOURCE_EXHAUSTED); the session goes on.
+                    failure = BrokerClientError(errno.EMFILE, "fd channel", f"this process is out of descriptors: {exc}",
+                                                code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+                    self._failed_transfers[exc.transfer_id] = failure
+                    waiter = self._waiters.get(exc.transfer_id)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(None)
+                    continue
                 body = frame.WhichOneof("body")
                 if body == "error":
                     for fd in fds:
@@ -271,6 +308,10 @@ class Session:
         try:
             async with asyncio.timeout(timeout):
                 while len(self._incoming.get(transfer_id, ())) < count:
+                    if transfer_id in self._failed_transfers:
+                        for fd in self._incoming.pop(transfer_id, []):
+                            fd.close()
+                        raise self._failed_transfers.pop(transfer_id)
                     if self._channel_error is not None:
                         raise BrokerClientError(errno.EPIPE, "fd channel", f"the session's fd channel is gone: {self._channel_error}",
                                                 code=grpc.StatusCode.UNAVAILABLE)
@@ -373,7 +414,10 @@ async def connect(
         except TimeoutError:
             raise BrokerClientError(errno.ETIMEDOUT, "open session", f"no gRPC connection to {path} within {CONNECT_TIMEOUT} s",
                                     code=grpc.StatusCode.UNAVAILABLE) from None
-    except (ChannelClosed, ConnectionError) as exc:
+    except BrokerClientError:
+        await session.close()
+        raise
+    except (ChannelClosed, OSError) as exc:
         # The broker went away during the hello (it was stopping or restarting).
         await session.close()
         raise BrokerClientError(errno.ECONNRESET, "open session", f"the broker at {path} hung up during the hello: {exc}",

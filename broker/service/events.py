@@ -97,6 +97,16 @@ class FanoutClosed(Exception):
 _Entry = tuple[int, int]
 _END: Final = (-1, -1)  # sentinel: the fan-out closed (never a real entry: counts are >= 0)
 
+_deliveries = 0  # events handed to subscribers, by every fan-out of the process
+
+
+def deliveries() -> int:
+    """How many fired ports the fan-outs of this process have handed to
+    subscribers so far: a caller can tell whether a turn of the event loop
+    delivered anything."""
+    return _deliveries
+
+
 # Live fan-outs by (loop, descriptor): a second add_reader on the same
 # descriptor would silently replace the first reader, and events would go
 # missing, so a second reader is refused instead.
@@ -278,12 +288,14 @@ class EventFanout:
         return sorted(self._bound_ports())
 
     def _dispatch(self, port: int) -> None:
+        global _deliveries
         takers = self._all.union(self._by_port.get(port, ()))
         if not takers:
             # Left masked in the device, so further notifications coalesce
             # until someone subscribes; remembered once.
             self._pending[port] = None
             return
+        _deliveries += 1
         queued_for_unmasker = False
         wanted_by_unmasker = False
         for subscription in takers:

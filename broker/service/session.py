@@ -35,6 +35,7 @@ from grant_broker.fdchannel import (
     MAX_FDS_PER_FRAME,
     PROTOCOL_VERSION,
     ChannelClosed,
+    DescriptorsDropped,
     FdChannel,
     PeerCredentials,
     ProtocolError,
@@ -131,6 +132,7 @@ class Session:
         self._membuf: MemBufDevice | None = None
         self._next_transfer = itertools.count(1)
         self._incoming: dict[int, list[OwnedFd]] = {}
+        self._failed_incoming: dict[int, BrokerError] = {}
         self._incoming_waiters: dict[int, asyncio.Future[list[OwnedFd]]] = {}
         self._send_lock = asyncio.Lock()
         self._cleanups: list[Callable[[], object]] = []
@@ -212,19 +214,39 @@ class Session:
         if waiter is not None and not waiter.done():
             waiter.set_result(fds)
             return
-        if transfer_id in self._incoming:
+        self._check_new_transfer(transfer_id)
+        self._incoming[transfer_id] = fds
+
+    def refuse_incoming(self, transfer_id: int, error: BrokerError) -> None:
+        """A client's FdTransfer frame arrived but the broker could not receive
+        its descriptors (it is out of them): the call naming the transfer
+        fails with *error*, and the session goes on — the client did nothing
+        wrong."""
+        if transfer_id == 0:
+            raise ProtocolError("transfer id 0 is reserved")
+        waiter = self._incoming_waiters.pop(transfer_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+            return
+        self._check_new_transfer(transfer_id)
+        self._failed_incoming[transfer_id] = error
+
+    def _check_new_transfer(self, transfer_id: int) -> None:
+        if transfer_id in self._incoming or transfer_id in self._failed_incoming:
             raise ProtocolError(f"transfer id {transfer_id} used twice")
-        if len(self._incoming) >= self.limits.max_pending_fd_frames:
+        if len(self._incoming) + len(self._failed_incoming) >= self.limits.max_pending_fd_frames:
             raise ProtocolError(
                 f"more than {self.limits.max_pending_fd_frames} descriptor frames sent without a call using them"
             )
-        self._incoming[transfer_id] = fds
 
     async def take_fds(self, operation: str, transfer_id: int, indexes: Sequence[int]) -> list[OwnedFd]:
         """The client's descriptors of *transfer_id*, at *indexes*; the caller owns
         them.  Descriptors of the frame that no index names are closed."""
         if transfer_id == 0:
             raise BrokerError(errno.EBADF, operation, "the request names no fd transfer (fd_transfer is 0)")
+        failed = self._failed_incoming.pop(transfer_id, None)
+        if failed is not None:
+            raise BrokerError(failed.errno, operation, failed.detail)
         fds = self._incoming.pop(transfer_id, None)
         if fds is None:
             if transfer_id in self._incoming_waiters:
@@ -242,6 +264,8 @@ class Session:
                     operation,
                     f"no descriptors arrived on the fd channel under transfer id {transfer_id}",
                 ) from None
+            except BrokerError as exc:  # refuse_incoming()
+                raise BrokerError(exc.errno, operation, exc.detail) from None
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if waiter.cancelled() and self.closed.is_set() and not (task and task.cancelling()):
@@ -286,6 +310,7 @@ class Session:
             for fd in fds:
                 fd.close()
         self._incoming.clear()
+        self._failed_incoming.clear()
         for waiter in self._incoming_waiters.values():
             waiter.cancel()
         for name in ("_gntdev", "_gntalloc", "_evtchn", "_membuf"):
@@ -367,7 +392,20 @@ class SessionRegistry:
             if session is None:
                 return
             while True:
-                frame, fds = await channel.receive()
+                try:
+                    frame, fds = await channel.receive()
+                except DescriptorsDropped as exc:
+                    log.warning("session %d: %s: the broker is out of descriptors", session.id, exc)
+                    session.refuse_incoming(
+                        exc.transfer_id,
+                        BrokerError(
+                            errno.EMFILE,
+                            "fd transfer",
+                            f"the broker could not receive the {exc.announced} descriptors of transfer "
+                            f"{exc.transfer_id}: it is out of descriptors; try again later",
+                        ),
+                    )
+                    continue
                 if frame.WhichOneof("body") != "transfer":
                     for fd in fds:
                         fd.close()
@@ -378,7 +416,7 @@ class SessionRegistry:
         except ProtocolError as exc:
             log.warning("fd channel protocol error (session %s): %s", session.id if session else "-", exc)
             with contextlib.suppress(OSError, ValueError):
-                channel._sock.send(FdFrame(error=ProtocolErrorFrame(message=str(exc))).SerializeToString())
+                channel._sock.send(FdFrame(error=ProtocolErrorFrame(message=str(exc), errno=exc.errno)).SerializeToString())
         except (OSError, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -414,18 +452,22 @@ class SessionRegistry:
         if hello.protocol_version != PROTOCOL_VERSION:
             raise ProtocolError(f"protocol version {hello.protocol_version} unsupported (broker speaks {PROTOCOL_VERSION})")
         if not self.policy.admits(creds):
-            raise ProtocolError(f"uid {creds.uid} (pid {creds.pid}) is not allowed by the broker's policy")
+            raise ProtocolError(f"uid {creds.uid} (pid {creds.pid}) is not allowed by the broker's policy", errno=errno.EPERM)
         if len(self._sessions) >= self.limits.max_sessions:
-            raise ProtocolError(f"the broker serves its maximum of {self.limits.max_sessions} sessions")
+            raise ProtocolError(f"the broker serves its maximum of {self.limits.max_sessions} sessions", errno=errno.EDQUOT)
         same_uid = sum(1 for s in self._sessions.values() if s.creds.uid == creds.uid)
         if same_uid >= self.limits.max_sessions_per_uid:
-            raise ProtocolError(f"uid {creds.uid} already has {same_uid} sessions (limit {self.limits.max_sessions_per_uid})")
+            raise ProtocolError(
+                f"uid {creds.uid} already has {same_uid} sessions (limit {self.limits.max_sessions_per_uid})", errno=errno.EDQUOT
+            )
         domid = hello.domid if hello.HasField("domid") else None
         vmid = hello.vmid if hello.HasField("vmid") else None
         try:
             backend = self.provider.backend(domid, vmid)
-        except (BrokerError, ValueError) as exc:  # ValueError: a domid the backend cannot be (emulated: > 0x7FEF)
-            raise ProtocolError(str(exc)) from None
+        except BrokerError as exc:
+            raise ProtocolError(str(exc), errno=exc.errno) from None
+        except ValueError as exc:  # a domid the backend cannot be (emulated: above 0x7FEF)
+            raise ProtocolError(str(exc), errno=errno.EINVAL) from None
         session = Session(next(self._ids), channel, creds, backend, hello.client_name or f"pid {creds.pid}", self.limits)
         self._sessions[session.id] = session
         self._by_token[session.token] = session

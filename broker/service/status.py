@@ -52,6 +52,7 @@ ERRNO_TO_STATUS: dict[int, grpc.StatusCode] = {
     errno.EAGAIN: grpc.StatusCode.UNAVAILABLE,
     errno.EPIPE: grpc.StatusCode.UNAVAILABLE,
     errno.ECANCELED: grpc.StatusCode.CANCELLED,
+    errno.EPROTO: grpc.StatusCode.INVALID_ARGUMENT,  # the client broke the fd channel protocol
 }
 
 
@@ -82,9 +83,18 @@ def to_grpc_status(error: BrokerError) -> grpc.Status:
 _Handler = TypeVar("_Handler", bound=Callable[..., Any])
 
 
+# Errors any system call may give when the broker runs short of a resource:
+# the caller is told RESOURCE_EXHAUSTED (with the errno), not INTERNAL,
+# wherever in the broker the call ran into it.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC})
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     if isinstance(exc, BrokerError):
         await context.abort_with_status(to_grpc_status(exc))
+    if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
+        log.warning("a call ran out of resources: %s", exc)
+        await context.abort_with_status(to_grpc_status(BrokerError(exc.errno, "broker", f"the broker is short of resources: {exc.strerror}")))
     log.exception("unexpected error in %s", context, exc_info=exc)
     internal = BrokerError(errno.EIO, "broker", f"internal error: {type(exc).__name__}: {exc}")
     await context.abort_with_status(

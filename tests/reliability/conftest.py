@@ -37,6 +37,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from grant_broker.service.server import BrokerServer, ServerConfig
 from grant_broker.v1 import broker_pb2, broker_pb2_grpc
 
 HERE = Path(__file__).parent
@@ -71,11 +72,15 @@ def short_tmp() -> Iterator[Path]:
 
 # --------------------------------------------------------------------------- the daemon
 
-_RLIMIT_WRAPPER = textwrap.dedent(
+_WRAPPER = textwrap.dedent(
     """
-    import os, resource, sys
-    soft = int(sys.argv[1])
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, soft))
+    import ctypes, os, resource, signal, sys
+    # Die with the test process (PR_SET_PDEATHSIG survives the exec): a test
+    # killed by its timeout leaves no broker behind.
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    if sys.argv[1] != "-":
+        soft, _, hard = sys.argv[1].partition(":")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (int(soft), int(hard or soft)))
     os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
     """
 )
@@ -89,7 +94,7 @@ class Daemon:
     process: subprocess.Popen[bytes]
     log_path: Path
     args: tuple[str, ...] = ()
-    nofile: int | None = None
+    nofile: int | str | None = None
     restarts: int = field(default=0)
 
     @property
@@ -102,11 +107,12 @@ class Daemon:
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
-    def fd_targets(self) -> list[str]:
-        targets = []
+    def fd_targets(self) -> dict[int, str]:
+        """The broker's descriptors: number -> what ``/proc/<pid>/fd`` says they are."""
+        targets = {}
         for name in os.listdir(f"/proc/{self.pid}/fd"):
             try:
-                targets.append(os.readlink(f"/proc/{self.pid}/fd/{name}"))
+                targets[int(name)] = os.readlink(f"/proc/{self.pid}/fd/{name}")
             except OSError:
                 pass
         return targets
@@ -145,14 +151,21 @@ class Daemon:
             status = await self.status()
         return status
 
-    async def settle_fds(self, expected: int, timeout: float = 15.0) -> int:
-        """Wait until the broker holds *expected* descriptors; fail with what it holds."""
+    async def settle_fds(self, expected: dict[int, str] | int, timeout: float = 15.0) -> int:
+        """Wait until the broker holds as many descriptors as *expected* (a count,
+        or the :meth:`fd_targets` of the baseline); fail saying which differ."""
+        want = expected if isinstance(expected, int) else len(expected)
         deadline = time.monotonic() + timeout
-        while (count := self.fd_count()) != expected:
+        while (count := self.fd_count()) != want:
             if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"the broker holds {count} descriptors, {expected} expected: {sorted(self.fd_targets())}"
-                )
+                now = self.fd_targets()
+                if isinstance(expected, dict):
+                    extra = {fd: what for fd, what in now.items() if expected.get(fd) != what}
+                    gone = {fd: what for fd, what in expected.items() if now.get(fd) != what}
+                    detail = f"new: {extra}; gone: {gone}"
+                else:
+                    detail = str(sorted(now.values()))
+                raise AssertionError(f"the broker holds {count} descriptors, {want} expected; {detail}")
             await asyncio.sleep(0.05)
         return count
 
@@ -160,7 +173,7 @@ class Daemon:
 def start_daemon(
     socket_path: str,
     *args: str,
-    nofile: int | None = None,
+    nofile: int | str | None = None,
     log_path: Path | None = None,
     wait: float = 30,
     options: dict | None = None,  # type: ignore[type-arg]
@@ -169,7 +182,7 @@ def start_daemon(
 
     *args* are CLI options; *options* (``{"limits": {...}, "policy": {...},
     "socket_mode": "0666"}``) runs it through launch.py instead, for limits
-    the CLI does not offer.  *nofile* sets its ``RLIMIT_NOFILE``."""
+    the CLI does not offer.  *nofile* sets its ``RLIMIT_NOFILE`` (``N`` or ``"soft:hard"``)."""
     log_path = log_path or Path(socket_path).with_suffix(".log")
     if options is not None:
         assert not args
@@ -178,8 +191,7 @@ def start_daemon(
         command = [
             "-m", "grant_broker.cli", "--socket", socket_path, "serve", "--backend", "emulated", "--grace", "1", *args,
         ]
-    if nofile is not None:
-        command = ["-c", _RLIMIT_WRAPPER, str(nofile), *command]
+    command = ["-c", _WRAPPER, "-" if nofile is None else str(nofile), *command]
     with open(log_path, "ab") as log:
         process = subprocess.Popen([sys.executable, *command], stdout=log, stderr=subprocess.STDOUT)
     daemon = Daemon(socket_path, process, log_path, args, nofile)
@@ -279,3 +291,14 @@ async def workers() -> AsyncIterator[list[Worker]]:
             await worker.rest()
         except Exception:  # noqa: BLE001 - cleanup
             pass
+
+
+# --------------------------------------------------------------------------- a broker in this process
+
+
+@pytest.fixture
+async def in_process(short_tmp: Path) -> AsyncIterator[tuple[str, BrokerServer]]:
+    """A BrokerServer (emulated) in the test's own loop, for looking inside it."""
+    config = ServerConfig(socket_path=str(short_tmp / "broker.sock"), backend="emulated", grace_seconds=0)
+    async with BrokerServer(config) as server:
+        yield config.socket_path, server

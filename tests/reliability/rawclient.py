@@ -58,7 +58,12 @@ class RawChannel:
         try:
             data, ancillary, _, _ = self.sock.recvmsg(MAX_FRAME_BYTES, socket.CMSG_SPACE(64 * 4))
         except ConnectionResetError:
-            return None
+            # The broker closed with frames of ours unread: Linux says so
+            # once, then delivers what the broker sent before closing.
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(MAX_FRAME_BYTES, socket.CMSG_SPACE(64 * 4))
+            except ConnectionResetError:
+                return None
         for level, kind, raw in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 received = array.array("i")

@@ -77,6 +77,9 @@ class EmulatedGntalloc(GntallocInstance):
     def _enter(self, operation: str) -> None:
         self._hv.reap()
         if self.closed:
+            if self._link.released and not self._hv.domain_exists(self.domid):
+                # Released by destroy_domain: say so, as the evtchn emulation does.
+                raise BrokerError(errno.ESRCH, operation, f"domain {self.domid} was destroyed")
             raise BrokerError(errno.EBADF, operation, f"the gntalloc instance of domain {self.domid} is closed")
 
     def _release(self) -> None:

@@ -139,6 +139,9 @@ class EmulatedGntdev(GntdevInstance):
         """Common entry: reap instances whose descriptors are gone, refuse on a closed one."""
         self._hv.reap()
         if self.closed:
+            if self._link.released and not self._hv.domain_exists(self.domid):
+                # Released by destroy_domain: say so, as the evtchn emulation does.
+                raise BrokerError(errno.ESRCH, operation, f"domain {self.domid} was destroyed")
             raise BrokerError(errno.EBADF, operation, f"the gntdev instance of domain {self.domid} is closed")
 
     def _release(self) -> None:

@@ -1,0 +1,89 @@
+"""The benchmark command still runs and reports every figure.
+
+``python -m bench.run`` with the smallest repetition counts: it must start its
+broker and baseline servers, measure every figure and write them as JSON.
+Only the shape of the report is checked — numbers where numbers belong —
+never a timing: the benchmark's targets are not the test suite's pass/fail.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SIZES = ("4KiB", "16KiB", "64KiB", "256KiB", "1MiB")
+FIGURES = {
+    "map_round_trip",
+    "baseline_grpc_unary",
+    "baseline_seqpacket_fd",
+    "batched_map",
+    "event_latency_1",
+    "event_fanout",
+    *(f"grant_copy_{path}_{size}" for path in ("buffer", "bytes") for size in SIZES),
+    "grant_copy_buffer_1MiB_pipelined",
+    "baseline_grpc_copy_ceiling",
+    "scale_rss_per_session",
+    "scale_fds_per_session",
+    "scale_in_flight_failures",
+}
+# Figures compared with a baseline measured in the same run.
+COMPARED = {"map_round_trip", "batched_map", "event_latency_1", "event_fanout", "grant_copy_buffer_1MiB_pipelined",
+            "baseline_grpc_copy_ceiling",
+            *(f"grant_copy_{path}_{size}" for path in ("buffer", "bytes") for size in SIZES)}
+# Figures with a target the run says it meets or not.
+JUDGED = {"map_round_trip", "batched_map", "event_latency_1", "grant_copy_buffer_1MiB", "grant_copy_buffer_1MiB_pipelined",
+          "scale_rss_per_session", "scale_in_flight_failures"}
+
+TINY = [
+    "--quick", "--rounds", "2", "--per-round", "5", "--batch-reps", "2", "--subscribers", "5", "--fanout-reps", "2",
+    "--copy-reps", "4", "--pipeline-depth", "2", "--sessions", "20", "--mappings", "4", "--in-flight", "100",
+    "--workers", "2",
+]
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def test_bench_reports_every_figure_with_its_baseline(tmp_path: Path) -> None:
+    report = tmp_path / "bench.json"
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.run", *TINY, "--json", str(report)],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+    )
+    elapsed = time.monotonic() - started
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert elapsed < 60, f"the smoke run took {elapsed:.0f} s"
+    assert "figure" in run.stdout and "map round trip" in run.stdout  # the table
+
+    result = json.loads(report.read_text())
+    assert result["mode"] == "quick"
+    machine = result["machine"]
+    for key in ("nproc", "cpu", "python", "grpcio"):
+        assert machine[key], key
+    assert _number(result["baselines"]["grpc_unary_us"]["median"])
+    assert _number(result["baselines"]["seqpacket_fd_us"]["median"])
+    assert all(_number(result["baselines"][f"memcpy_{size}_GBps"]) for size in SIZES)
+
+    figures = result["figures"]
+    assert set(figures) == FIGURES
+    for name, figure in figures.items():
+        assert _number(figure["value"]), name
+        assert figure["unit"] and figure["target"], name
+        if figure["time"] is not None:
+            assert all(_number(figure["time"][key]) for key in ("min", "median", "p99")), name
+            assert figure["time"]["min"] <= figure["time"]["median"] <= figure["time"]["p99"], name
+        if name in COMPARED:
+            assert _number(figure["baseline"]) and _number(figure["ratio"]), name
+        if name in JUDGED:
+            assert isinstance(figure["met"], bool), name
+    scale = figures["scale_rss_per_session"]["extra"]
+    assert scale["sessions"] == 20 and scale["setup_failed"] == 0
+    assert figures["scale_in_flight_failures"]["extra"]["calls"] == 100
