@@ -353,7 +353,6 @@ class GntdevService(gntdev_pb2_grpc.GntdevServicer):
     async def UnmapGrantRef(
         self, request: gntdev_pb2.UnmapGrantRefRequest, context: grpc.aio.ServicerContext
     ) -> gntdev_pb2.UnmapGrantRefResponse:
-        op = "gntdev unmap grant refs"
         session = self.registry.session_for(context)
         state = gntdev_state(session)
         # The backend answers bad indexes and counts with the kernel's own

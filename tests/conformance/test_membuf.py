@@ -229,7 +229,7 @@ def test_closing_export_fd_revokes_memparcel(membuf: MemBuf, dma_buf: OwnedFd) -
 
 def test_a_copy_of_the_export_fd_keeps_the_memparcel(membuf: MemBuf, dma_buf: OwnedFd) -> None:
     exported = membuf.local.export(dma_buf.fileno(), SHARED_ACL)
-    with exported.export_fd.dup() as copy:
+    with exported.export_fd.dup():  # the copy alone keeps it alive
         exported.export_fd.close()
         membuf.peer.import_memparcel(exported.memparcel_hdl, SHARED_ACL).close()
     code = _errno_of(lambda: membuf.peer.import_memparcel(exported.memparcel_hdl, SHARED_ACL))

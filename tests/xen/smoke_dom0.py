@@ -14,7 +14,6 @@ ctypes mirror of each uapi struct (include/uapi/xen/{gntalloc,gntdev,evtchn}.h).
 """
 
 import ctypes
-import errno
 import fcntl
 import mmap
 import os
