@@ -27,6 +27,7 @@ import asyncio
 import errno
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -38,6 +39,8 @@ from grant_broker_client import BrokerClientError, Session
 from grant_broker_client.evtchn import PortFired
 from grant_broker_client.gntalloc import SharedPages
 from grant_broker_client.gntdev import CopySegment, Foreign
+
+_GRANTED_LINE = re.compile(r"granted (\d+) (\d+)")
 
 from .conftest import Daemon, Worker, knob
 
@@ -166,7 +169,12 @@ async def test_killed_clients_leave_nothing_behind(daemon: Daemon, workers: list
                 for worker in started:
                     _, stderr = await worker.rest()
                     assert worker.process.returncode == -9, f"{worker.name} failed before it was killed {context}:\n{stderr}"
-                    granted += [tuple(map(int, line.split()[1:3])) for line in worker.lines if line.startswith("granted")]
+                    # A worker killed while printing may leave its last line cut short.
+                    granted += [
+                        (int(match[1]), int(match[2]))
+                        for match in map(_GRANTED_LINE.fullmatch, worker.lines)
+                        if match is not None
+                    ]
                 killed += len(started)
 
                 # Sessions and usage back to the survivors'.
