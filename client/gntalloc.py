@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -25,7 +24,7 @@ from grant_broker.memory import SharedMemory
 from grant_broker.uapi.gntalloc import GNTALLOC_FLAG_WRITABLE, UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
 from grant_broker.v1 import gntalloc_pb2, gntalloc_pb2_grpc
 from grant_broker_client.errors import BrokerClientError
-from grant_broker_client.memory import map_received, receive_spans
+from grant_broker_client.memory import MappedPages, map_received, receive_spans
 
 if TYPE_CHECKING:
     from grant_broker_client.session import Session
@@ -33,79 +32,32 @@ if TYPE_CHECKING:
 __all__ = ["UNMAP_NOTIFY_CLEAR_BYTE", "UNMAP_NOTIFY_SEND_EVENT", "GntallocClient", "SharedPages"]
 
 
-class SharedPages:
+class SharedPages(MappedPages):
     """Pages of this domain granted to :attr:`domid`; ``refs[i]`` grants page ``i`` of :attr:`view`.
 
     ``await pages.aclose()`` (or ``async with``) unmaps here and ends the
     grants.  Slices of :attr:`view` must be released first.
     """
 
+    _device = "gntalloc"
+
     def __init__(
         self, client: "GntallocClient", index: int, domid: int, refs: tuple[int, ...], writable: bool, memory: SharedMemory
     ) -> None:
+        # Always writable here; *writable* says whether *domid* may write.
+        super().__init__(index, refs, memory, writable)
         self._client = client
-        self.index = index
-        """The allocation's index (byte offset) in the session's gntalloc space."""
         self.domid = domid
-        self.refs = refs
-        self.writable = writable
-        """Whether :attr:`domid` may write (this side always can)."""
-        self._memory = memory
-        self._closed = False
-
-    @property
-    def view(self) -> memoryview:
-        return self._memory.view
-
-    @property
-    def count(self) -> int:
-        return len(self.refs)
-
-    @property
-    def length(self) -> int:
-        return self._memory.length
-
-    @property
-    def address(self) -> int:
-        return self._memory.address
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     async def set_unmap_notify(self, offset: int, action: int, port: int = 0) -> None:
         """Arm what happens when these pages go away on this side (also when this
         process dies): ``UNMAP_NOTIFY_CLEAR_BYTE`` zeroes byte *offset*,
         ``UNMAP_NOTIFY_SEND_EVENT`` signals *port* (bound by this session)."""
-        if not 0 <= offset < self.length:
-            raise BrokerClientError(
-                errno.EINVAL, "gntalloc set unmap notify", f"offset {offset} is outside the {self.length} shared bytes",
-                code=grpc.StatusCode.INVALID_ARGUMENT,
-            )
-        await self._client.set_unmap_notify(self.index + offset, action, port)
+        await self._client.set_unmap_notify(self._notify_offset(offset), action, port)
 
-    async def aclose(self) -> None:
-        """Unmap here and end the grants.  Idempotent.
-
-        Raises:
-            BufferError: slices of :attr:`view` are still alive; nothing is done.
-        """
-        if self._closed:
-            return
-        self._memory.close()
-        self._closed = True
+    async def _release(self) -> None:
         if not (self._client._session.closed or self._client._session.broker_lost):
             await self._client.dealloc_gref(self.index, self.count)
-
-    close = aclose
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     def __repr__(self) -> str:
         return f"<SharedPages index={self.index} to domain {self.domid} refs={list(self.refs)}{' closed' if self._closed else ''}>"

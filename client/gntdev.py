@@ -59,7 +59,7 @@ from grant_broker.uapi.gntdev import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_
 from grant_broker.uapi.grant_table import GNTCOPY_dest_gref, GNTCOPY_source_gref, GNTST_okay, gntst_message, gntst_name
 from grant_broker.v1 import common_pb2, gntdev_pb2, gntdev_pb2_grpc
 from grant_broker_client.errors import BrokerClientError
-from grant_broker_client.memory import ReceivedSpan, close_spans, map_received, receive_spans
+from grant_broker_client.memory import MappedPages, ReceivedSpan, close_spans, map_received, receive_spans
 
 if TYPE_CHECKING:
     from grant_broker_client.session import Session
@@ -99,7 +99,7 @@ def _fileno(fd: int | OwnedFd) -> int:
 # --------------------------------------------------------------------------- mappings
 
 
-class Mapping:
+class Mapping(MappedPages):
     """Grants of other domains mapped into this process.
 
     :attr:`view` is the memory (read-only unless mapped writable).  Close it
@@ -108,39 +108,13 @@ class Mapping:
     Slices of :attr:`view` must be released first (``BufferError`` otherwise).
     """
 
+    _device = "gntdev"
+
     def __init__(
         self, client: "GntdevClient", index: int, refs: tuple[GrantRef, ...], memory: SharedMemory, writable: bool
     ) -> None:
+        super().__init__(index, refs, memory, writable)
         self._client = client
-        self.index = index
-        """The mapping's index (byte offset) in the session's gntdev space."""
-        self.refs = refs
-        self.writable = writable
-        self._memory = memory
-        self._closed = False
-
-    @property
-    def view(self) -> memoryview:
-        """The mapped pages, in the order of :attr:`refs`."""
-        return self._memory.view
-
-    @property
-    def count(self) -> int:
-        """Number of grants (pages) mapped."""
-        return len(self.refs)
-
-    @property
-    def length(self) -> int:
-        return self._memory.length
-
-    @property
-    def address(self) -> int:
-        """Virtual address of the first byte in this process (see :meth:`GntdevClient.offset_for_vaddr`)."""
-        return self._memory.address
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     async def set_unmap_notify(self, offset: int, action: int, port: int = 0) -> None:
         """Arm what happens when this mapping goes away (also when this process dies).
@@ -150,35 +124,11 @@ class Mapping:
         mapping); ``UNMAP_NOTIFY_SEND_EVENT`` signals *port*, an event channel
         this session bound.  One notification per mapping; a new call replaces it.
         """
-        if not 0 <= offset < self.length:
-            raise BrokerClientError(
-                errno.EINVAL, "gntdev set unmap notify", f"offset {offset} is outside the mapping's {self.length} bytes",
-                code=grpc.StatusCode.INVALID_ARGUMENT,
-            )
-        await self._client.set_unmap_notify(self.index + offset, action, port)
+        await self._client.set_unmap_notify(self._notify_offset(offset), action, port)
 
-    async def aclose(self) -> None:
-        """Unmap here, then drop the mapping in the broker.  Idempotent.
-
-        Raises:
-            BufferError: slices of :attr:`view` are still alive; nothing is unmapped.
-        """
-        if self._closed:
-            return
-        self._memory.close()
-        self._closed = True
+    async def _release(self) -> None:
         self._client._mappings.pop(self.index, None)
         await self._client._unmap_quietly(self.index, self.count)
-
-    close = aclose
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self.length} bytes at {self.address:#x}"

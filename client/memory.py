@@ -9,10 +9,12 @@ mapping does not need.
 
 from __future__ import annotations
 
+import abc
 import errno
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
 
 import grpc
 
@@ -77,3 +79,82 @@ def close_spans(spans: Sequence[ReceivedSpan]) -> None:
 
 
 __all__ = ["ReceivedSpan", "SharedMemory", "close_spans", "fd_count", "map_received", "receive_spans"]
+
+
+class MappedPages(abc.ABC):
+    """Pages a session holds, mapped in this process: what a gntdev
+    :class:`~grant_broker_client.gntdev.Mapping` and a gntalloc
+    :class:`~grant_broker_client.gntalloc.SharedPages` have in common.
+
+    ``await pages.aclose()`` (or ``async with``) unmaps here, then lets the
+    broker drop them.  Slices of :attr:`view` must be released first.
+    """
+
+    #: Names the operation in errors ("gntdev set unmap notify").
+    _device: str = ""
+
+    def __init__(self, index: int, refs: tuple[Any, ...], memory: SharedMemory, writable: bool) -> None:
+        self.index = index
+        """The pages' index (byte offset) in the session's device space."""
+        self.refs = refs
+        self.writable = writable
+        self._memory = memory
+        self._closed = False
+
+    @property
+    def view(self) -> memoryview:
+        """The pages, in the order of :attr:`refs` (read-only unless writable here)."""
+        return self._memory.view
+
+    @property
+    def count(self) -> int:
+        """Number of pages."""
+        return len(self.refs)
+
+    @property
+    def length(self) -> int:
+        return self._memory.length
+
+    @property
+    def address(self) -> int:
+        """Virtual address of the first byte in this process."""
+        return self._memory.address
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _notify_offset(self, offset: int) -> int:
+        """The device-space offset of byte *offset* of these pages, checked."""
+        if not 0 <= offset < self.length:
+            raise BrokerClientError(
+                errno.EINVAL, f"{self._device} set unmap notify", f"offset {offset} is outside the {self.length} bytes mapped",
+                code=grpc.StatusCode.INVALID_ARGUMENT,
+            )
+        return self.index + offset
+
+    @abc.abstractmethod
+    async def _release(self) -> None:
+        """Let the broker drop the pages (called once, after the local unmap)."""
+
+    async def aclose(self) -> None:
+        """Unmap here, then let the broker drop the pages.  Idempotent.
+
+        Raises:
+            BufferError: slices of :attr:`view` are still alive; nothing is done.
+        """
+        if self._closed:
+            return
+        self._memory.close()
+        self._closed = True
+        await self._release()
+
+    close = aclose
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
