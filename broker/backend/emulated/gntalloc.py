@@ -28,6 +28,7 @@ from grant_broker.backend.contract import PAGE_SIZE, GntallocInstance, GrantAllo
 from grant_broker.errors import BrokerError
 from grant_broker.uapi.gntalloc import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
 
+from .instance import LinkedInstance
 from .grants import Backing, spans_of
 
 if TYPE_CHECKING:
@@ -51,36 +52,17 @@ class _Gref:
     notify_hold: object | None = None  # the port's evtchn_get reference, with SEND_EVENT
 
 
-class EmulatedGntalloc(GntallocInstance):
+class EmulatedGntalloc(LinkedInstance, GntallocInstance):
     """One open gntalloc of the emulated hypervisor, granting as domain ``domid``."""
 
+    _device = "gntalloc"
+
     def __init__(self, hypervisor: "EmulatedHypervisor", domid: int) -> None:
-        self._hv = hypervisor
-        self.domid = domid
         self._index = 0  # priv->index
         self._grefs: dict[int, _Gref] = {}  # by file_index, in allocation order
-        self._link = hypervisor.open_link(domid, self._release, name=f"gntalloc instance of domain {domid}")
+        self._open_link(hypervisor, domid)
 
     # ------------------------------------------------------------------ lifetime
-
-    def fileno(self) -> int:
-        return self._link.fileno()
-
-    @property
-    def closed(self) -> bool:
-        return self._link.closed or self._link.released
-
-    def close(self) -> None:
-        with self._hv.lock:
-            self._link.close()
-
-    def _enter(self, operation: str) -> None:
-        self._hv.reap()
-        if self.closed:
-            if self._link.released and not self._hv.domain_exists(self.domid):
-                # Released by destroy_domain: say so, as the evtchn emulation does.
-                raise BrokerError(errno.ESRCH, operation, f"domain {self.domid} was destroyed")
-            raise BrokerError(errno.EBADF, operation, f"the gntalloc instance of domain {self.domid} is closed")
 
     def _release(self) -> None:
         """``gntalloc_release``: every page leaves the instance."""

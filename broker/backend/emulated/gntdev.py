@@ -55,6 +55,7 @@ from grant_broker.uapi.gntdev import (
 )
 from grant_broker.uapi.grant_table import GNTST_okay
 
+from .instance import LinkedInstance
 from .grants import Backing, GrantEntry, GrantStatusError, export_byte_locked, lock_export_byte, spans_of
 
 if TYPE_CHECKING:
@@ -109,40 +110,20 @@ class _Import:
     refs: tuple[int, ...]
 
 
-class EmulatedGntdev(GntdevInstance):
+class EmulatedGntdev(LinkedInstance, GntdevInstance):
     """One open gntdev of the emulated hypervisor, acting as domain ``domid``."""
 
+    _device = "gntdev"
+
     def __init__(self, hypervisor: "EmulatedHypervisor", domid: int) -> None:
-        self._hv = hypervisor
-        self.domid = domid
         self._maps: list[_Mapping] = []  # sorted by index, as priv->maps
         self._max_grants = DEFAULT_MAX_GRANTS
         self._cumulative_limit: int | None = None  # set by set_max_grants
         self._exports: list[_Export] = []
         self._imports: list[_Import] = []
-        self._link = hypervisor.open_link(domid, self._release, name=f"gntdev instance of domain {domid}")
+        self._open_link(hypervisor, domid)
 
     # ------------------------------------------------------------------ lifetime
-
-    def fileno(self) -> int:
-        return self._link.fileno()
-
-    @property
-    def closed(self) -> bool:
-        return self._link.closed or self._link.released
-
-    def close(self) -> None:
-        with self._hv.lock:
-            self._link.close()
-
-    def _enter(self, operation: str) -> None:
-        """Common entry: reap instances whose descriptors are gone, refuse on a closed one."""
-        self._hv.reap()
-        if self.closed:
-            if self._link.released and not self._hv.domain_exists(self.domid):
-                # Released by destroy_domain: say so, as the evtchn emulation does.
-                raise BrokerError(errno.ESRCH, operation, f"domain {self.domid} was destroyed")
-            raise BrokerError(errno.EBADF, operation, f"the gntdev instance of domain {self.domid} is closed")
 
     def _release(self) -> None:
         """``gntdev_release``: put every mapping, drop dma-buf state."""

@@ -27,10 +27,17 @@ notifications, end grants, unbind ports).
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import select
 import socket
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from grant_broker.errors import BrokerError
+
+if TYPE_CHECKING:
+    from .hypervisor import EmulatedHypervisor
 
 _HUNG_UP = select.POLLHUP | select.POLLRDHUP | select.POLLERR | select.POLLNVAL
 
@@ -209,3 +216,39 @@ def check_all(links: Iterable[InstanceLink]) -> None:
             link.release()
         else:
             link._drain()  # noqa: SLF001
+
+
+class LinkedInstance:
+    """What the emulated gntdev and gntalloc instances share: each *is* a
+    descriptor (an :class:`InstanceLink` from the hypervisor), released by
+    ``_release`` when its last copy closes, and refuses work once released."""
+
+    _device: str  # "gntdev", "gntalloc": names the instance in errors
+
+    def _open_link(self, hypervisor: "EmulatedHypervisor", domid: int) -> None:
+        self._hv = hypervisor
+        self.domid = domid
+        self._link = hypervisor.open_link(domid, self._release, name=f"{self._device} instance of domain {domid}")
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def fileno(self) -> int:
+        return self._link.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self._link.closed or self._link.released
+
+    def close(self) -> None:
+        with self._hv.lock:
+            self._link.close()
+
+    def _enter(self, operation: str) -> None:
+        """Common entry: reap instances whose descriptors are gone, refuse on a closed one."""
+        self._hv.reap()
+        if self.closed:
+            if self._link.released and not self._hv.domain_exists(self.domid):
+                # Released by destroy_domain: say so, as the evtchn emulation does.
+                raise BrokerError(errno.ESRCH, operation, f"domain {self.domid} was destroyed")
+            raise BrokerError(errno.EBADF, operation, f"the {self._device} instance of domain {self.domid} is closed")
