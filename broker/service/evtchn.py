@@ -57,10 +57,7 @@ class SessionEvtchn:
 
 def session_state(session: Session) -> SessionEvtchn:
     """The session's event-channel state, created on first use."""
-    state = session.resources.get(STATE_KEY)
-    if state is None:
-        state = session.resources[STATE_KEY] = SessionEvtchn()
-    return state  # type: ignore[no-any-return]
+    return session.service_state(STATE_KEY, SessionEvtchn)
 
 
 def session_ports(session: Session) -> frozenset[int]:

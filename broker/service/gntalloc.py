@@ -39,11 +39,7 @@ class GntallocState:
 
 
 def gntalloc_state(session: Session) -> GntallocState:
-    state = session.resources.get("gntalloc")
-    if state is None:
-        state = session.resources["gntalloc"] = GntallocState()
-        session.on_release(state.close)
-    return state
+    return session.service_state("gntalloc", GntallocState)
 
 
 class GntallocService(gntalloc_pb2_grpc.GntallocServicer):

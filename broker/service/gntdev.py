@@ -281,11 +281,7 @@ class GntdevState:
 
 
 def gntdev_state(session: Session) -> GntdevState:
-    state = session.resources.get("gntdev")
-    if state is None:
-        state = session.resources["gntdev"] = GntdevState()
-        session.on_release(state.close)
-    return state
+    return session.service_state("gntdev", GntdevState)
 
 
 # --------------------------------------------------------------------------- the service

@@ -19,7 +19,7 @@ import select
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -46,6 +46,7 @@ from grant_broker.v1.fdchannel_pb2 import FdFrame, FdTransfer, ProtocolError as 
 log = logging.getLogger(__name__)
 
 SESSION_METADATA_KEY = "x-grant-broker-session"
+_State = TypeVar("_State")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +180,17 @@ class Session:
         # A released session must not open devices that nobody would close.
         if self.closed.is_set():
             raise BrokerError(errno.EPIPE, "session", f"session {self.id} has ended")
+
+    def service_state(self, key: str, factory: Callable[[], _State]) -> _State:
+        """A servicer's state for this session under *key*, made by *factory* on
+        first use; its ``close()``, if it has one, runs when the session is released."""
+        state = self.resources.get(key)
+        if state is None:
+            state = self.resources[key] = factory()
+            close = getattr(state, "close", None)
+            if close is not None:
+                self.on_release(close)
+        return state  # type: ignore[no-any-return]
 
     def on_release(self, cleanup: Callable[[], object]) -> None:
         """Run *cleanup* when the session is released (last registered runs first)."""
