@@ -47,8 +47,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from grant_broker.backend.contract import PAGE_SIZE, AclEntry, MemBufAbi, MemBufDevice, MemparcelExport
-from grant_broker.backend.membuf_acl import U32_MAX, check_acl_count, check_acl_entries, membuf_error, vmid_name
+from grant_broker.backend.contract import AclEntry, MemBufAbi, MemBufDevice, MemparcelExport
+from grant_broker.backend.membuf_rules import (
+    U32_MAX,
+    check_acl_count,
+    check_acl_entries,
+    check_alloc,
+    membuf_error,
+    vmid_name,
+)
 from grant_broker.errors import BrokerError, errno_name
 from grant_broker.fds import OwnedFd
 from grant_broker.uapi.ioctl import _IOWR
@@ -59,7 +66,6 @@ from grant_broker.uapi.mem_buf import (
     MEM_BUF_IOC_EXPORT,
     MEM_BUF_IOC_IMPORT,
     MEM_BUF_IOC_MAGIC,
-    MEM_BUF_MAX_MEM_TYPE,
     acl_list_for,
     mem_buf_alloc_ioctl_arg,
     mem_buf_export_ioctl_arg,
@@ -69,7 +75,6 @@ from grant_broker.uapi.mem_buf import (
 
 __all__ = ["MemBufProbe", "RealMemBufDevice", "probe_abi", "probe_device"]
 
-_U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 _INT_MAX = 0x7FFF_FFFF
 
 # include/linux/errno.h: ENOTSUPP is kernel-internal, yet the 2020 driver
@@ -356,21 +361,10 @@ class RealMemBufDevice(MemBufDevice):
         dst_heap_id: int = 0,
     ) -> OwnedFd:
         op = "alloc"
-        if not 0 < size <= _U64_MAX:
-            raise membuf_error(errno.EINVAL, op, f"size {size} must be positive and fit in a __u64")
-        if size % PAGE_SIZE:
-            raise membuf_error(errno.EINVAL, op, f"size {size} is not a multiple of the page size ({PAGE_SIZE})")
-        check_acl_count(acl, op)
-        for name, mem_type in (("src_mem_type", src_mem_type), ("dst_mem_type", dst_mem_type)):
-            if not 0 <= mem_type < MEM_BUF_MAX_MEM_TYPE:
-                raise membuf_error(
-                    errno.EINVAL, op,
-                    f"{name} {mem_type} is not below MEM_BUF_MAX_MEM_TYPE ({int(MEM_BUF_MAX_MEM_TYPE)})",
-                )
-        for name, heap_id in (("src_heap_id", src_heap_id), ("dst_heap_id", dst_heap_id)):
-            if not 0 <= heap_id <= U32_MAX:
-                raise membuf_error(errno.EINVAL, op, f"{name} {heap_id} does not fit in a __u32")
-        check_acl_entries(acl, op)
+        check_alloc(
+            op, size, acl,
+            src_mem_type=src_mem_type, src_heap_id=src_heap_id, dst_mem_type=dst_mem_type, dst_heap_id=dst_heap_id,
+        )
 
         acl_list = acl_list_for((entry.vmid, entry.perms) for entry in acl)
         src_data = _type_data(src_mem_type, src_heap_id)

@@ -20,7 +20,7 @@ from typing import TypeVar
 import grpc
 
 from grant_broker.backend.contract import AclEntry, MemBufDevice
-from grant_broker.backend.membuf_acl import check_acl_count
+from grant_broker.backend.membuf_rules import check_acl_count
 from grant_broker.service.gntdev import ensure_live, send_owned
 from grant_broker.service.session import SessionRegistry
 from grant_broker.service.status import invalid, rpc

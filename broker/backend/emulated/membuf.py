@@ -42,17 +42,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from grant_broker.backend.contract import PAGE_SIZE, AclEntry, MemBufAbi, MemBufDevice, MemparcelExport
-from grant_broker.backend.membuf_acl import (
+from grant_broker.backend.contract import AclEntry, MemBufAbi, MemBufDevice, MemparcelExport
+from grant_broker.backend.membuf_rules import (
     U32_MAX,
     check_acl_count,
     check_acl_entries,
+    check_alloc,
     membuf_error,
 )
 from grant_broker.errors import BrokerError
 from grant_broker.fds import OwnedFd
 from grant_broker.uapi.mem_buf import (
-    MEM_BUF_MAX_MEM_TYPE,
     MEM_BUF_PERM_FLAG_WRITE,
 )
 
@@ -60,7 +60,6 @@ from .evtchn import PipeWatch
 
 __all__ = ["EmulatedMemBufDevice", "MemparcelRegistry"]
 
-_U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
 
 class _Hypervisor(Protocol):
@@ -267,20 +266,10 @@ class EmulatedMemBufDevice(MemBufDevice):
     ) -> OwnedFd:
         op = "alloc"
         self._check_open(op)
-        if not 0 < size <= _U64_MAX:
-            raise membuf_error(errno.EINVAL, op, f"size {size} must be positive")
-        if size % PAGE_SIZE:
-            raise membuf_error(errno.EINVAL, op, f"size {size} is not a multiple of the page size ({PAGE_SIZE})")
-        check_acl_count(acl, op)
-        for name, mem_type in (("src_mem_type", src_mem_type), ("dst_mem_type", dst_mem_type)):
-            if not 0 <= mem_type < MEM_BUF_MAX_MEM_TYPE:
-                raise membuf_error(
-                    errno.EINVAL, op, f"{name} {mem_type} is not below MEM_BUF_MAX_MEM_TYPE ({MEM_BUF_MAX_MEM_TYPE})"
-                )
-        for name, heap_id in (("src_heap_id", src_heap_id), ("dst_heap_id", dst_heap_id)):
-            if not 0 <= heap_id <= U32_MAX:
-                raise membuf_error(errno.EINVAL, op, f"{name} {heap_id} does not fit in a __u32")
-        check_acl_entries(acl, op)
+        check_alloc(
+            op, size, acl,
+            src_mem_type=src_mem_type, src_heap_id=src_heap_id, dst_mem_type=dst_mem_type, dst_heap_id=dst_heap_id,
+        )
         fd = OwnedFd(os.memfd_create(f"mem-buf alloc vm{self.vmid}", os.MFD_CLOEXEC))
         try:
             os.ftruncate(fd.fileno(), size)

@@ -1,4 +1,4 @@
-"""The mem-buf ACL rules of the backend contract, shared by every mem-buf backend.
+"""The mem-buf argument rules of the backend contract, shared by every mem-buf backend.
 
 The legacy driver (``validate_ioctl_arg`` / ``mem_buf_acl_to_vmid_perms_list``)
 takes 1..``MEM_BUF_MAX_NR_ACL_ENTS`` entries, VMIDs it knows and perms within
@@ -12,9 +12,10 @@ from __future__ import annotations
 import errno
 from collections.abc import Sequence
 
-from grant_broker.backend.contract import AclEntry
+from grant_broker.backend.contract import PAGE_SIZE, AclEntry
 from grant_broker.errors import BrokerError
 from grant_broker.uapi.mem_buf import (
+    MEM_BUF_MAX_MEM_TYPE,
     MEM_BUF_MAX_NR_ACL_ENTS,
     MEM_BUF_PERM_VALID_FLAGS,
     MEM_BUF_VMID_PRIMARY_VM,
@@ -23,6 +24,7 @@ from grant_broker.uapi.mem_buf import (
 
 VMID_NAMES = {MEM_BUF_VMID_PRIMARY_VM: "MEM_BUF_VMID_PRIMARY_VM", MEM_BUF_VMID_TRUSTED_VM: "MEM_BUF_VMID_TRUSTED_VM"}
 U32_MAX = 0xFFFF_FFFF
+U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
 
 def membuf_error(code: int, operation: str, detail: str) -> BrokerError:
@@ -56,3 +58,35 @@ def check_acl_entries(acl: Sequence[AclEntry], operation: str) -> frozenset[tupl
         if entry.perms == 0:
             raise membuf_error(errno.EINVAL, operation, f"acl[{index}] ({vmid_name(entry.vmid)}): perms 0 grants nothing")
     return frozenset((entry.vmid, entry.perms) for entry in acl)
+
+
+def check_alloc(
+    operation: str,
+    size: int,
+    acl: Sequence[AclEntry],
+    *,
+    src_mem_type: int,
+    src_heap_id: int,
+    dst_mem_type: int,
+    dst_heap_id: int,
+) -> None:
+    """The rules of ``MemBufDevice.alloc``, in the order the driver checks them.
+
+    The contract refuses sizes that are not a page multiple; the driver would
+    round them up.
+    """
+    if not 0 < size <= U64_MAX:
+        raise membuf_error(errno.EINVAL, operation, f"size {size} must be positive and fit in a __u64")
+    if size % PAGE_SIZE:
+        raise membuf_error(errno.EINVAL, operation, f"size {size} is not a multiple of the page size ({PAGE_SIZE})")
+    check_acl_count(acl, operation)
+    for name, mem_type in (("src_mem_type", src_mem_type), ("dst_mem_type", dst_mem_type)):
+        if not 0 <= mem_type < MEM_BUF_MAX_MEM_TYPE:
+            raise membuf_error(
+                errno.EINVAL, operation,
+                f"{name} {mem_type} is not below MEM_BUF_MAX_MEM_TYPE ({int(MEM_BUF_MAX_MEM_TYPE)})",
+            )
+    for name, heap_id in (("src_heap_id", src_heap_id), ("dst_heap_id", dst_heap_id)):
+        if not 0 <= heap_id <= U32_MAX:
+            raise membuf_error(errno.EINVAL, operation, f"{name} {heap_id} does not fit in a __u32")
+    check_acl_entries(acl, operation)
