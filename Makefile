@@ -36,4 +36,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build broker/v1/*_pb2*.py broker/v1/*_pb2.pyi
+	rm -rf $(VENV) build client/grant_broker_protocol/v1/*_pb2*.py*

@@ -2,7 +2,7 @@
 
 The generated modules are never committed (see .gitignore); every build —
 wheel, sdist or editable install — regenerates them from the .proto files into
-broker/v1/, the directory that is the ``grant_broker.v1`` package.
+broker/v1/, the directory that is the ``grant_broker_protocol.v1`` package.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from setuptools.command.build_py import build_py
 
 ROOT = pathlib.Path(__file__).parent.resolve()
 PROTO_ROOT = ROOT / "proto"
-# proto/grant_broker/... is generated into the grant_broker package, whose
-# sources live in broker/ (package-dir mapping in pyproject.toml).
-PACKAGE_SOURCE = ROOT / "broker"
+# proto/grant_broker_protocol/... is generated into the grant_broker_protocol
+# package, whose sources live in client/.
+PACKAGE_NAME = "grant_broker_protocol"
+PACKAGE_SOURCE = ROOT / "client" / PACKAGE_NAME
 
 
 def generate_protos() -> None:
@@ -45,9 +46,9 @@ def generate_protos() -> None:
     # Drop what an earlier build generated, so a removed .proto leaves nothing behind.
     for stale in PACKAGE_SOURCE.glob("v*/*_pb2*.py*"):
         stale.unlink()
-    for generated in (staging / "grant_broker").rglob("*"):
+    for generated in (staging / PACKAGE_NAME).rglob("*"):
         if generated.is_file():
-            dest = PACKAGE_SOURCE / generated.relative_to(staging / "grant_broker")
+            dest = PACKAGE_SOURCE / generated.relative_to(staging / PACKAGE_NAME)
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(generated.read_bytes())
 

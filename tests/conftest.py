@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from grant_broker.fds import open_fd_count
+from grant_broker_protocol.fds import open_fd_count
 
 
 @pytest.fixture

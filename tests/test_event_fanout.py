@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 
 from grant_broker.backend.contract import EvtchnHandle
-from grant_broker.errors import BrokerError
+from grant_broker_protocol.errors import BrokerError
 from grant_broker.service.events import (
     DEFAULT_QUEUE_SIZE,
     EventFanout,
@@ -459,7 +459,7 @@ def test_fanout_on_uvloop() -> None:
     """The daemon runs on uvloop: the same reader life on libuv's poll handles."""
     uvloop = pytest.importorskip("uvloop")
     from grant_broker.backend.emulated.evtchn import EmulatedEvtchnHandle
-    from grant_broker.fds import open_fd_count
+    from grant_broker_protocol.fds import open_fd_count
 
     # libuv keeps a couple of process-wide descriptors once any loop ran, so
     # count after a first loop rather than with the fd_baseline fixture.

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from grant_broker.fdchannel import MAX_FDS_PER_FRAME, ChannelClosed, FdChannel, ProtocolError
-from grant_broker.v1.fdchannel_pb2 import ClientHello, FdFrame, FdTransfer
+from grant_broker_protocol.fdchannel import MAX_FDS_PER_FRAME, ChannelClosed, FdChannel, ProtocolError
+from grant_broker_protocol.v1.fdchannel_pb2 import ClientHello, FdFrame, FdTransfer
 
 
 @pytest.fixture

@@ -37,8 +37,8 @@ from grant_broker.backend.contract import PAGE_SIZE, AclEntry, MemBufAbi
 from grant_broker.backend.emulated import EmulatedHypervisor
 from grant_broker.backend.emulated.membuf import MemparcelRegistry
 from grant_broker.backend.membuf import RealMemBufDevice, probe_abi, probe_device
-from grant_broker.errors import BrokerError
-from grant_broker.fds import OwnedFd
+from grant_broker_protocol.errors import BrokerError
+from grant_broker_protocol.fds import OwnedFd
 from grant_broker.uapi.ioctl import _IOC_SIZE
 from grant_broker.uapi.mem_buf import (
     MEM_BUF_IOC_ALLOC,

@@ -28,8 +28,8 @@ from grant_broker.backend.contract import PAGE_SIZE, CopyForeign, CopyLocal, Gra
 from grant_broker.backend.xen import XenBackend, XenDevices, XenEvtchn, XenGntalloc, XenGntdev
 from grant_broker.backend.xen import backend as xen_backend
 from grant_broker.backend.xen import evtchn as xen_evtchn
-from grant_broker.errors import BrokerError
-from grant_broker.fds import OwnedFd
+from grant_broker_protocol.errors import BrokerError
+from grant_broker_protocol.fds import OwnedFd
 from grant_broker.uapi import evtchn as E
 from grant_broker.uapi import gntalloc as A
 from grant_broker.uapi import gntdev as G

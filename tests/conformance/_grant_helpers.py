@@ -21,7 +21,7 @@ from grant_broker.backend.contract import (
     GrantRef,
     MemorySpan,
 )
-from grant_broker.memory import SharedMemory, map_spans
+from grant_broker_protocol.memory import SharedMemory, map_spans
 
 EVENT_TIMEOUT = 10.0  # seconds; generous for a real Xen under software emulation
 

@@ -16,7 +16,7 @@ import threading
 import pytest
 
 from grant_broker.backend.contract import PAGE_SIZE, GrantRef
-from grant_broker.errors import BrokerError
+from grant_broker_protocol.errors import BrokerError
 from grant_broker.uapi.gntdev import GNTDEV_DMA_FLAG_COHERENT, GNTDEV_DMA_FLAG_WC
 
 from ._grant_helpers import granted_pages, granter_view, grantee_view

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from grant_broker.backend.contract import EvtchnHandle
-from grant_broker.errors import BrokerError
+from grant_broker_protocol.errors import BrokerError
 
 from .conftest import Domains
 

@@ -10,7 +10,7 @@ import errno
 import pytest
 
 from grant_broker.backend.contract import PAGE_SIZE, GrantRef
-from grant_broker.errors import BrokerError
+from grant_broker_protocol.errors import BrokerError
 
 from ._grant_helpers import grant_refs, granted_pages, granter_view, grantee_view, map_and_close
 

@@ -12,8 +12,8 @@ import errno
 import pytest
 
 from grant_broker.backend.contract import PAGE_SIZE, GrantRef
-from grant_broker.errors import BrokerError
-from grant_broker.memory import map_spans
+from grant_broker_protocol.errors import BrokerError
+from grant_broker_protocol.memory import map_spans
 from grant_broker.uapi.grant_table import GNTST_bad_domain, GNTST_bad_gntref, GNTST_general_error
 
 from ._grant_helpers import close_spans, grant_refs, granted_pages, granter_view, grantee_view, map_and_close

@@ -12,7 +12,7 @@ import errno
 import pytest
 
 from grant_broker.backend.contract import PAGE_SIZE, CopyForeign, CopyLocal, GrantCopySegment
-from grant_broker.errors import BrokerError
+from grant_broker_protocol.errors import BrokerError
 from grant_broker.uapi.grant_table import GNTST_bad_domain, GNTST_bad_gntref, GNTST_general_error, GNTST_okay
 
 from ._grant_helpers import granted_pages, granter_view

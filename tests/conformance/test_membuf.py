@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import pytest
 
 from grant_broker.backend.contract import PAGE_SIZE, AclEntry, Backend, MemBufDevice
-from grant_broker.errors import BrokerError
-from grant_broker.fds import OwnedFd
+from grant_broker_protocol.errors import BrokerError
+from grant_broker_protocol.fds import OwnedFd
 from grant_broker.uapi.mem_buf import (
     MEM_BUF_MAX_MEM_TYPE,
     MEM_BUF_MAX_NR_ACL_ENTS,

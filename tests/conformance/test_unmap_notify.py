@@ -16,7 +16,7 @@ import errno
 import pytest
 
 from grant_broker.backend.contract import PAGE_SIZE
-from grant_broker.errors import BrokerError
+from grant_broker_protocol.errors import BrokerError
 from grant_broker.uapi.gntdev import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
 
 from ._grant_helpers import event_channel, grant_refs, granted_pages, granter_view, map_and_close

@@ -38,7 +38,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from grant_broker.service.server import BrokerServer, ServerConfig
-from grant_broker.v1 import broker_pb2, broker_pb2_grpc
+from grant_broker_protocol.v1 import broker_pb2, broker_pb2_grpc
 
 HERE = Path(__file__).parent
 WORKER = HERE / "worker.py"

@@ -18,15 +18,15 @@ from dataclasses import dataclass
 
 import grpc
 
-from grant_broker.fdchannel import MAX_FRAME_BYTES
-from grant_broker.v1 import (
+from grant_broker_protocol.fdchannel import MAX_FRAME_BYTES
+from grant_broker_protocol.v1 import (
     broker_pb2_grpc,
     evtchn_pb2_grpc,
     gntalloc_pb2_grpc,
     gntdev_pb2_grpc,
     membuf_pb2_grpc,
 )
-from grant_broker.v1.fdchannel_pb2 import ClientHello, FdFrame, FdTransfer
+from grant_broker_protocol.v1.fdchannel_pb2 import ClientHello, FdFrame, FdTransfer
 
 SESSION_KEY = "x-grant-broker-session"
 

@@ -32,10 +32,10 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grant_broker.fdchannel import MAX_FDS_PER_FRAME, MAX_FRAME_BYTES
+from grant_broker_protocol.fdchannel import MAX_FDS_PER_FRAME, MAX_FRAME_BYTES
 from grant_broker.service.session import Limits
-from grant_broker.v1 import broker_pb2, common_pb2, gntdev_pb2
-from grant_broker.v1.fdchannel_pb2 import ClientHello, FdFrame, FdTransfer, ProtocolError, ServerHello
+from grant_broker_protocol.v1 import broker_pb2, common_pb2, gntdev_pb2
+from grant_broker_protocol.v1.fdchannel_pb2 import ClientHello, FdFrame, FdTransfer, ProtocolError, ServerHello
 
 from .conftest import Daemon, knob, start_daemon, stop_daemon
 from .rawclient import FD_KINDS, STUBS, RawChannel, RawSession, descriptors, grpc_channel

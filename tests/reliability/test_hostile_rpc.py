@@ -39,8 +39,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from grant_broker.service.status import status_code_for
-from grant_broker.v1 import broker_pb2, common_pb2, evtchn_pb2, gntalloc_pb2, gntdev_pb2, membuf_pb2
-from grant_broker.v1.common_pb2 import ErrorDetail
+from grant_broker_protocol.v1 import broker_pb2, common_pb2, evtchn_pb2, gntalloc_pb2, gntdev_pb2, membuf_pb2
+from grant_broker_protocol.v1.common_pb2 import ErrorDetail
 
 from .conftest import Daemon, knob, start_daemon, stop_daemon
 from .rawclient import FD_KINDS, STUBS, RawSession, descriptors, grpc_channel

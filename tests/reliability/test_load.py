@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import grant_broker_client
 from grant_broker.service.server import MAX_QUEUED_CALLS, SERVER_OPTIONS
-from grant_broker.v1 import broker_pb2, broker_pb2_grpc
+from grant_broker_protocol.v1 import broker_pb2, broker_pb2_grpc
 from grant_broker_client import BrokerClientError, Session
 from grant_broker_client.gntdev import CopySegment, Foreign
 

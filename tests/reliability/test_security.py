@@ -37,13 +37,14 @@ import grpc
 import pytest
 
 import grant_broker_client
-import grant_broker.fdchannel as fdchannel_module
-from grant_broker.errors import BrokerError
-from grant_broker.fds import OwnedFd
+import grant_broker_protocol.fdchannel as fdchannel_module
+from grant_broker_protocol.errors import BrokerError
+from grant_broker_protocol.fds import OwnedFd
 from grant_broker.service.server import BrokerServer
-from grant_broker.service.session import SESSION_METADATA_KEY, Policy
-from grant_broker.v1 import broker_pb2, broker_pb2_grpc, common_pb2, gntdev_pb2, gntdev_pb2_grpc
-from grant_broker.v1.fdchannel_pb2 import ClientHello, FdFrame, FdTransfer
+from grant_broker.service.session import Policy
+from grant_broker_protocol.endpoints import SESSION_METADATA_KEY
+from grant_broker_protocol.v1 import broker_pb2, broker_pb2_grpc, common_pb2, gntdev_pb2, gntdev_pb2_grpc
+from grant_broker_protocol.v1.fdchannel_pb2 import ClientHello, FdFrame, FdTransfer
 from grant_broker_client import BrokerClientError
 
 from .conftest import Daemon, start_daemon, stop_daemon

@@ -28,7 +28,7 @@ import random
 import sys
 
 import grant_broker_client
-from grant_broker.v1 import broker_pb2
+from grant_broker_protocol.v1 import broker_pb2
 from grant_broker_client.gntdev import CopySegment, Foreign, Local
 
 CLEAR_BYTE, SEND_EVENT = 0x1, 0x2
@@ -91,7 +91,7 @@ def _sealed_memfd(length: int) -> int:
 
 
 async def activity_fds(session, config, rng) -> None:  # type: ignore[no-untyped-def]
-    from grant_broker.v1 import common_pb2, gntdev_pb2, gntdev_pb2_grpc
+    from grant_broker_protocol.v1 import common_pb2, gntdev_pb2, gntdev_pb2_grpc
 
     stub = gntdev_pb2_grpc.GntdevStub(session.grpc_channel)
     while True:

@@ -19,11 +19,11 @@ import pytest
 
 import grant_broker_client
 from grant_broker.backend.contract import PAGE_SIZE
-from grant_broker.fds import OwnedFd
+from grant_broker_protocol.fds import OwnedFd
 from grant_broker.uapi.gntdev import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
 from grant_broker.uapi.grant_table import GNTCOPY_dest_gref, GNTCOPY_source_gref
 from grant_broker.uapi.mem_buf import MEM_BUF_VMID_PRIMARY_VM, MEM_BUF_VMID_TRUSTED_VM
-from grant_broker.v1 import (
+from grant_broker_protocol.v1 import (
     common_pb2,
     gntalloc_pb2,
     gntalloc_pb2_grpc,
@@ -303,7 +303,7 @@ async def test_refused_requests_still_consume_their_descriptors(broker: InProces
 
 
 def test_every_rpc_of_the_three_services_has_a_bad_input_case() -> None:
-    from grant_broker.v1 import gntalloc_pb2 as a, gntdev_pb2 as g, membuf_pb2 as m
+    from grant_broker_protocol.v1 import gntalloc_pb2 as a, gntdev_pb2 as g, membuf_pb2 as m
 
     methods = {
         (service, method.name)

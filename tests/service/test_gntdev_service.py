@@ -19,7 +19,7 @@ import pytest
 
 import grant_broker_client
 from grant_broker.backend.contract import PAGE_SIZE
-from grant_broker.fds import OwnedFd, open_fd_count
+from grant_broker_protocol.fds import OwnedFd, open_fd_count
 from grant_broker.service.server import BrokerServer, ServerConfig
 from grant_broker.service.session import Limits
 from grant_broker.uapi.grant_table import GNTST_bad_domain, GNTST_general_error, GNTST_okay
@@ -111,7 +111,7 @@ async def test_map_falls_back_to_two_calls_on_a_broker_without_map(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from grant_broker.service.gntdev import GntdevService
-    from grant_broker.v1 import gntdev_pb2_grpc
+    from grant_broker_protocol.v1 import gntdev_pb2_grpc
 
     # A broker from before the Map call answers it UNIMPLEMENTED.
     monkeypatch.setattr(GntdevService, "Map", gntdev_pb2_grpc.GntdevServicer.Map)
@@ -296,7 +296,7 @@ async def test_unsealed_copy_buffer_is_refused(broker: InProcessBroker, mapper: 
     # A shrinkable file mapped by the broker could crash it with SIGBUS.
     with OwnedFd(os.memfd_create("unsealed", os.MFD_CLOEXEC)) as fd:
         os.ftruncate(fd.fileno(), PAGE_SIZE)
-        from grant_broker.v1 import common_pb2, gntdev_pb2
+        from grant_broker_protocol.v1 import common_pb2, gntdev_pb2
 
         transfer = await mapper.send_fds([fd.fileno()])
         with pytest.raises(BrokerClientError) as raised:

@@ -13,7 +13,7 @@ import pytest
 
 import grant_broker_client
 from grant_broker.backend.contract import PAGE_SIZE
-from grant_broker.fds import OwnedFd
+from grant_broker_protocol.fds import OwnedFd
 from grant_broker_client import BrokerClientError, Session
 from grant_broker_client.membuf import (
     MEM_BUF_PERM_FLAG_READ,

@@ -22,10 +22,10 @@ import pytest
 
 import grant_broker_client
 from grant_broker.backend.contract import PAGE_SIZE
-from grant_broker.fds import OwnedFd
+from grant_broker_protocol.fds import OwnedFd
 from grant_broker.uapi.gntdev import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
 from grant_broker.uapi.mem_buf import MEM_BUF_PERM_FLAG_READ, MEM_BUF_VMID_PRIMARY_VM, MEM_BUF_VMID_TRUSTED_VM
-from grant_broker.v1 import broker_pb2
+from grant_broker_protocol.v1 import broker_pb2
 from grant_broker_client import BrokerClientError
 from grant_broker_client.evtchn import PortFired
 from grant_broker_client.membuf import PERM_RW

@@ -28,7 +28,7 @@ import pytest
 
 import grant_broker_client
 from grant_broker.uapi.gntdev import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
-from grant_broker.v1 import broker_pb2
+from grant_broker_protocol.v1 import broker_pb2
 from grant_broker_client.evtchn import PortFired
 
 pytestmark = [

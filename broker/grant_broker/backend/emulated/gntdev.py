@@ -1,0 +1,576 @@
+"""The emulated ``/dev/xen/gntdev``: maps other domains' grants into this one.
+
+Behaviour follows Linux ``drivers/xen/gntdev.c`` (and ``gntdev-dmabuf.c``),
+function by function:
+
+* ``map_grant_refs`` = ``gntdev_ioctl_map_grant_ref``: nothing is asked of
+  the hypervisor; the index is chosen by ``gntdev_add_map`` (first fit in page
+  units, so a fresh instance answers 0).
+* ``map_memory`` = ``gntdev_mmap``: the grants are mapped here (the hypercall
+  happens at mmap time); the first call decides whether the mapping is
+  read-only (``map->flags |= GNTMAP_readonly`` when the vma is not writable).
+* ``unmap_grant_ref`` = ``gntdev_ioctl_unmap_grant_ref`` + ``gntdev_put_map``:
+  the unmap notification fires (CLEAR_BYTE only if the grants were mapped, as
+  ``__unmap_grant_pages`` does it), the grants are unmapped.
+* closing the instance = ``gntdev_release``: every mapping is put.
+
+Emulation limits (also listed in the backend's capability notes):
+
+* memory already mmapped from a span stays accessible after unmap or close
+  (on Linux it stays until munmap, and the notification waits for that
+  munmap; here it fires at unmap / close);
+* a dma-buf export must be exactly the pages of one backing (one gntalloc
+  allocation or one imported buffer), in order from its first page;
+* ``get_offset_for_vaddr`` recognises a mapping by the backing file and
+  offset mapped at *vaddr*, so another mapping of the same pages at that
+  address (e.g. the granter's own) is taken for this instance's.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from grant_broker.backend.contract import (
+    PAGE_SIZE,
+    CopyForeign,
+    CopyLocal,
+    GntdevInstance,
+    GrantCopySegment,
+    GrantRef,
+    MemorySpan,
+)
+from grant_broker_protocol.errors import BrokerError
+from grant_broker_protocol.fds import OwnedFd
+from grant_broker.uapi.gntdev import (
+    GNTDEV_DMA_FLAG_COHERENT,
+    GNTDEV_DMA_FLAG_WC,
+    UNMAP_NOTIFY_CLEAR_BYTE,
+    UNMAP_NOTIFY_SEND_EVENT,
+)
+from grant_broker.uapi.grant_table import GNTST_okay
+
+from .instance import LinkedInstance
+from .grants import Backing, GrantEntry, GrantStatusError, export_byte_locked, lock_export_byte, spans_of
+
+if TYPE_CHECKING:
+    from .hypervisor import EmulatedHypervisor
+
+PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
+
+DOMID_SELF = 0x7FF0  # xen/include/public/xen.h
+
+# Linux's module parameter ``limit`` of gntdev: the most grants one request
+# (map or dma-buf) may name (gntdev_test_page_count).
+DEFAULT_MAX_GRANTS = 64 * 1024
+
+_U16 = 0xFFFF
+_U32 = 0xFFFFFFFF
+_NOTIFY_ACTIONS = UNMAP_NOTIFY_CLEAR_BYTE | UNMAP_NOTIFY_SEND_EVENT
+
+
+@dataclass(eq=False)
+class _Mapping:
+    """``struct gntdev_grant_map``: a reserved range of the instance's mmap space."""
+
+    index: int  # in pages
+    grants: tuple[GrantRef, ...]
+    readonly: bool | None = None  # decided by the first map_memory (map->flags)
+    pinned: list[GrantEntry] | None = None  # set once the grants are mapped
+    notify_flags: int = 0
+    notify_addr: int = 0  # byte offset within the mapping
+    notify_port: int = 0
+    notify_hold: object | None = None  # the port's evtchn_get reference, with SEND_EVENT
+
+    @property
+    def count(self) -> int:
+        return len(self.grants)
+
+
+@dataclass(eq=False)
+class _Export:
+    """A dma-buf exported from grants (``gntdev_dmabuf`` in exp_list)."""
+
+    fd: int  # the number returned to the caller: Linux looks buffers up by it
+    backing: Backing
+    lock_byte: int
+    entries: list[GrantEntry] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Import:
+    """A dma-buf whose pages this instance granted (``gntdev_dmabuf`` in imp_list)."""
+
+    backing: Backing
+    refs: tuple[int, ...]
+
+
+class EmulatedGntdev(LinkedInstance, GntdevInstance):
+    """One open gntdev of the emulated hypervisor, acting as domain ``domid``."""
+
+    _device = "gntdev"
+
+    def __init__(self, hypervisor: "EmulatedHypervisor", domid: int) -> None:
+        self._maps: list[_Mapping] = []  # sorted by index, as priv->maps
+        self._max_grants = DEFAULT_MAX_GRANTS
+        self._cumulative_limit: int | None = None  # set by set_max_grants
+        self._exports: list[_Export] = []
+        self._imports: list[_Import] = []
+        self._open_link(hypervisor, domid)
+
+    # ------------------------------------------------------------------ lifetime
+
+    def _release(self) -> None:
+        """``gntdev_release``: put every mapping, drop dma-buf state."""
+        with self._hv.lock:
+            maps, self._maps = self._maps, []
+            for mapping in maps:
+                self._put(mapping)
+            exports, self._exports = self._exports, []
+            for export in exports:
+                self._forget_export(export)
+            imports, self._imports = self._imports, []
+            for imported in imports:
+                self._end_import(imported)
+
+    # ------------------------------------------------------------------ map / unmap
+
+    def map_grant_refs(self, refs: Sequence[GrantRef]) -> int:
+        operation = "gntdev map grant refs"
+        with self._hv.lock:
+            self._enter(operation)
+            grants = tuple(refs)
+            count = len(grants)
+            if count == 0:
+                raise BrokerError(errno.EINVAL, operation, "no grant refs given")
+            if count > self._max_grants:
+                raise BrokerError(
+                    errno.EINVAL, operation, f"{count} grants exceed the limit of {self._max_grants} per mapping"
+                )
+            for grant in grants:
+                if not (0 <= grant.domid <= _U32 and 0 <= grant.ref <= _U32):
+                    raise BrokerError(errno.EINVAL, operation, f"ref {grant.ref} of domain {grant.domid} is out of range")
+            if self._cumulative_limit is not None:
+                in_use = sum(m.count for m in self._maps)
+                if in_use + count > self._cumulative_limit:
+                    raise BrokerError(
+                        errno.ENOMEM,
+                        operation,
+                        f"{in_use} grants mapped, {count} more exceed the instance's limit of {self._cumulative_limit}",
+                    )
+            # gntdev_add_map: first fit, with Linux's strict '<' (a hole must be
+            # larger than the new mapping to be reused).
+            mapping = _Mapping(0, grants)
+            position = len(self._maps)
+            for i, existing in enumerate(self._maps):
+                if mapping.index + count < existing.index:
+                    position = i
+                    break
+                mapping.index = existing.index + existing.count
+            self._maps.insert(position, mapping)
+            return mapping.index << PAGE_SHIFT
+
+    def _find(self, index: int, count: int) -> _Mapping | None:
+        """``gntdev_find_map_index``: by page index; count 0 matches any size."""
+        page = index >> PAGE_SHIFT
+        for mapping in self._maps:
+            if mapping.index == page and (count == 0 or mapping.count == count):
+                return mapping
+        return None
+
+    def unmap_grant_ref(self, index: int, count: int) -> None:
+        operation = "gntdev unmap grant ref"
+        with self._hv.lock:
+            self._enter(operation)
+            mapping = self._find(index, count) if index >= 0 and count >= 0 else None
+            if mapping is None:
+                raise BrokerError(errno.ENOENT, operation, f"no mapping of {count} grants at index {index:#x}")
+            self._maps.remove(mapping)
+            self._put(mapping)
+
+    def _put(self, mapping: _Mapping) -> None:
+        """``gntdev_put_map`` for the last user: notify, then unmap the grants."""
+        pinned, mapping.pinned = mapping.pinned, None
+        flags, mapping.notify_flags = mapping.notify_flags, 0
+        hold, mapping.notify_hold = mapping.notify_hold, None
+        # Clear the byte before sending the event, so a peer woken by the event
+        # reads the cleared byte (Linux orders them the other way round for
+        # auto-translated guests; a PV dom0 clears at munmap, before either).
+        if flags & UNMAP_NOTIFY_CLEAR_BYTE and pinned:
+            entry = pinned[mapping.notify_addr >> PAGE_SHIFT]
+            if not entry.backing.closed:
+                entry.backing.clear_byte(entry.offset + (mapping.notify_addr & (PAGE_SIZE - 1)))
+        if flags & UNMAP_NOTIFY_SEND_EVENT:
+            self._hv.send_event(self.domid, mapping.notify_port)
+        self._hv.release_event_port(hold)  # evtchn_put
+        for entry in pinned or ():
+            entry.table.unpin(entry)  # GrantSystem.unpin
+
+    def _pin_all(self, grants: Sequence[GrantRef], *, write: bool, operation: str) -> list[GrantEntry]:
+        """Map each grant (the hypercall); all or nothing, EINVAL naming the first refusal."""
+        pinned: list[GrantEntry] = []
+        # GrantSystem.pin, inlined with the table of the previous grant kept:
+        # batches of thousands of refs are the case to be fast for, and they
+        # come from one granting domain.
+        system, grantee, table = self._hv.grants, self.domid, None
+        try:
+            for grant in grants:
+                if table is None or table.domid != grant.domid:
+                    table = system.table_of(grant.domid)
+                entry = table.lookup(grant.ref, grantee, write=write)
+                entry.pins += 1
+                pinned.append(entry)
+        except GrantStatusError as refusal:
+            for entry in pinned:
+                self._hv.grants.unpin(entry)
+            raise BrokerError(
+                errno.EINVAL, operation, refusal.naming(grant.ref, grant.domid), gntst=refusal.status
+            ) from None
+        return pinned
+
+    def map_memory(self, index: int, count: int, *, writable: bool) -> list[MemorySpan]:
+        operation = "gntdev map memory"
+        with self._hv.lock:
+            self._enter(operation)
+            if index < 0 or index & (PAGE_SIZE - 1) or count <= 0:
+                raise BrokerError(errno.EINVAL, operation, f"no mapping of {count} grants at index {index:#x}")
+            mapping = self._find(index, count)
+            if mapping is None:
+                raise BrokerError(errno.EINVAL, operation, f"no mapping of {count} grants at index {index:#x}")
+            if mapping.readonly is None:
+                # Decided before the grants are mapped and kept even if that
+                # fails, as gntdev_mmap sets map->flags first.
+                mapping.readonly = not writable
+            elif writable and mapping.readonly:
+                raise BrokerError(
+                    errno.EINVAL, operation, f"the mapping at index {index:#x} was made read-only by its first map"
+                )
+            if mapping.pinned is None:
+                mapping.pinned = self._pin_all(mapping.grants, write=not mapping.readonly, operation=operation)
+            try:
+                return spans_of([(e.backing, e.page) for e in mapping.pinned], writable=writable)
+            except OSError as exc:
+                raise BrokerError.from_oserror(exc, operation) from exc
+
+    def get_offset_for_vaddr(self, vaddr: int) -> tuple[int, int]:
+        operation = "gntdev get offset for vaddr"
+        with self._hv.lock:
+            self._enter(operation)
+            where = _file_at(vaddr)
+            if where is not None:
+                dev, ino, offset = where
+                for mapping in self._maps:
+                    if mapping.pinned:
+                        first = mapping.pinned[0]
+                        backing = first.backing
+                        if (backing.dev, backing.ino, first.offset) == (dev, ino, offset):
+                            return mapping.index << PAGE_SHIFT, mapping.count
+            raise BrokerError(errno.EINVAL, operation, f"no mapping of this instance starts at address {vaddr:#x}")
+
+    def set_max_grants(self, count: int) -> None:
+        operation = "gntdev set max grants"
+        with self._hv.lock:
+            self._enter(operation)
+            if not 0 <= count <= _U32:
+                raise BrokerError(errno.EINVAL, operation, f"limit {count} is out of range")
+            self._max_grants = count
+            self._cumulative_limit = count
+
+    def set_unmap_notify(self, offset: int, action: int, port: int) -> None:
+        operation = "gntdev set unmap notify"
+        with self._hv.lock:
+            self._enter(operation)
+            # gntdev_ioctl_notify's order: action bits, port, then the mapping.
+            if action & ~_NOTIFY_ACTIONS or action < 0:
+                raise BrokerError(errno.EINVAL, operation, f"unknown action bits in {action:#x}")
+            # evtchn_get: the notification holds the port bound until it is sent.
+            hold = self._hv.hold_event_port(self.domid, port) if action & UNMAP_NOTIFY_SEND_EVENT else None
+            if action & UNMAP_NOTIFY_SEND_EVENT and hold is None:
+                raise BrokerError(errno.EINVAL, operation, f"event channel port {port} is not bound in domain {self.domid}")
+            try:
+                for mapping in self._maps:
+                    begin = mapping.index << PAGE_SHIFT
+                    if begin <= offset < begin + (mapping.count << PAGE_SHIFT):
+                        break
+                else:
+                    raise BrokerError(errno.ENOENT, operation, f"offset {offset:#x} is in no mapping of this instance")
+                if action & UNMAP_NOTIFY_CLEAR_BYTE and mapping.readonly:
+                    raise BrokerError(
+                        errno.EINVAL, operation, f"CLEAR_BYTE on the read-only mapping at index {begin:#x}"
+                    )
+            except BrokerError:
+                self._hv.release_event_port(hold)
+                raise
+            replaced = mapping.notify_hold
+            mapping.notify_flags = action
+            mapping.notify_addr = offset - begin
+            mapping.notify_port = port
+            mapping.notify_hold = hold
+            self._hv.release_event_port(replaced)  # the replaced notification's reference
+
+    # ------------------------------------------------------------------ grant copy
+
+    def grant_copy(self, segments: Sequence[GrantCopySegment]) -> list[int]:
+        operation = "gntdev grant copy"
+        with self._hv.lock:
+            self._enter(operation)
+            # Linux checks a segment as it reaches it, and may already have
+            # copied earlier ones; the contract promises EINVAL before
+            # anything is copied, so every segment is checked first.
+            plans = [self._check_segment(i, seg, operation) for i, seg in enumerate(segments)]
+            return [self._copy_one(seg, src, dst) for seg, (src, dst) in zip(segments, plans)]
+
+    def _check_segment(
+        self, i: int, seg: GrantCopySegment, operation: str
+    ) -> tuple[memoryview | None, memoryview | None]:
+        """``gntdev_grant_copy_seg``'s checks; returns the local views (source, dest)."""
+        source, dest, length = seg.source, seg.dest, seg.length
+        if isinstance(source, CopyLocal) and isinstance(dest, CopyLocal):
+            raise BrokerError(errno.EINVAL, operation, f"segment {i}: both sides are local buffers")
+        if not 0 <= length <= _U16:
+            raise BrokerError(errno.EINVAL, operation, f"segment {i}: length {length} does not fit the 16-bit field")
+        views: list[memoryview | None] = []
+        for side, name in ((source, "source"), (dest, "destination")):
+            if isinstance(side, CopyForeign):
+                if side.offset < 0 or side.offset + length > PAGE_SIZE:
+                    raise BrokerError(
+                        errno.EINVAL,
+                        operation,
+                        f"segment {i}: {name} ref {side.ref} of domain {side.domid}: "
+                        f"{length} bytes at offset {side.offset} cross the page boundary",
+                    )
+                views.append(None)
+                continue
+            try:
+                view = side.buffer.cast("B") if side.buffer.format != "B" or side.buffer.ndim != 1 else side.buffer
+            except TypeError:
+                raise BrokerError(errno.EINVAL, operation, f"segment {i}: {name} buffer is not contiguous") from None
+            if side.offset < 0 or side.offset + length > view.nbytes:
+                raise BrokerError(
+                    errno.EINVAL,
+                    operation,
+                    f"segment {i}: {name} range {side.offset}..{side.offset + length} is outside its {view.nbytes}-byte buffer",
+                )
+            if name == "destination" and view.readonly:
+                # get_user_pages(FOLL_WRITE) fails on it: the header's EFAULT.
+                raise BrokerError(errno.EFAULT, operation, f"segment {i}: destination buffer is read-only")
+            views.append(view)
+        return views[0], views[1]
+
+    def _copy_domid(self, side: CopyForeign) -> int:
+        """``gnttab_copy_lock_domain`` looks the domain up with
+        ``rcu_lock_domain_by_any_id``: DOMID_SELF is the copying domain (a map's
+        ``rcu_lock_domain_by_id`` answers GNTST_bad_domain to it instead)."""
+        return self.domid if side.domid == DOMID_SELF else side.domid
+
+    def _copy_one(self, seg: GrantCopySegment, src_view: memoryview | None, dst_view: memoryview | None) -> int:
+        """One ``gnttab_copy`` op; returns its GNTST status."""
+        source, dest, length = seg.source, seg.dest, seg.length
+        grants = self._hv.grants
+        try:
+            # gnttab_copy_lock_domains: source then destination domain, then
+            # gnttab_copy_claim_buf: source (read) then destination (write).
+            if isinstance(source, CopyForeign):
+                grants.table_of(self._copy_domid(source))
+            if isinstance(dest, CopyForeign):
+                grants.table_of(self._copy_domid(dest))
+            src_entry = dst_entry = None
+            if isinstance(source, CopyForeign):
+                src_entry = grants.access(self._copy_domid(source), source.ref, self.domid, write=False)
+            if isinstance(dest, CopyForeign):
+                dst_entry = grants.access(self._copy_domid(dest), dest.ref, self.domid, write=True)
+        except GrantStatusError as refusal:
+            return refusal.status
+        # One copy of the bytes where one side is local: the kernel reads the
+        # granted page straight into the local buffer, or writes the local
+        # buffer's bytes straight into the page (memcpy semantics, as
+        # __gnttab_copy's; only foreign-to-foreign goes through a bounce buffer).
+        if src_entry is not None:
+            if dst_entry is None:
+                assert dst_view is not None and isinstance(dest, CopyLocal)
+                src_entry.backing.read_into(  # type: ignore[union-attr]
+                    src_entry.offset + source.offset, dst_view[dest.offset : dest.offset + length]  # type: ignore[union-attr]
+                )
+                return GNTST_okay
+            data: bytes | memoryview = src_entry.backing.read(src_entry.offset + source.offset, length)  # type: ignore[union-attr]
+        else:
+            assert src_view is not None and isinstance(source, CopyLocal)
+            data = src_view[source.offset : source.offset + length]
+        if dst_entry is not None:
+            dst_entry.backing.write(dst_entry.offset + dest.offset, data)  # type: ignore[union-attr]
+        else:
+            assert dst_view is not None and isinstance(dest, CopyLocal)
+            dst_view[dest.offset : dest.offset + length] = data
+        return GNTST_okay
+
+    # ------------------------------------------------------------------ dma-buf
+
+    def dmabuf_export_from_refs(self, domid: int, refs: Sequence[int], flags: int = 0) -> OwnedFd:
+        operation = "gntdev dma-buf export from refs"
+        with self._hv.lock:
+            self._enter(operation)
+            refs = tuple(refs)
+            if flags & ~(GNTDEV_DMA_FLAG_WC | GNTDEV_DMA_FLAG_COHERENT) or flags < 0:
+                raise BrokerError(errno.EINVAL, operation, f"unknown dma-buf flags {flags:#x}")
+            if not refs or len(refs) > self._max_grants:
+                raise BrokerError(errno.EINVAL, operation, f"{len(refs)} refs: expected 1..{self._max_grants}")
+            # dmabuf_exp_from_refs maps the grants writable (GNTMAP_host_map).
+            entries = self._pin_all([GrantRef(domid, ref) for ref in refs], write=True, operation=operation)
+            backing = entries[0].backing
+            whole = all(e.backing is backing and e.page == i for i, e in enumerate(entries))
+            if not whole or len(entries) != backing.pages:
+                for entry in entries:
+                    self._hv.grants.unpin(entry)
+                raise BrokerError(
+                    errno.EINVAL,
+                    operation,
+                    f"emulation limit: refs {list(refs)} of domain {domid} are not all the pages of one "
+                    "granted buffer in order from its first page",
+                )
+            try:
+                fd = os.open(f"/proc/self/fd/{backing.fd}", os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                for entry in entries:
+                    self._hv.grants.unpin(entry)
+                raise BrokerError.from_oserror(exc, operation) from exc
+            owned = OwnedFd(fd)
+            byte = self._hv.next_export_byte()
+            try:
+                lock_export_byte(fd, byte)
+            except OSError as exc:
+                owned.close()
+                for entry in entries:
+                    self._hv.grants.unpin(entry)
+                raise BrokerError.from_oserror(exc, operation) from exc
+            backing.hold()  # the probe for wait_released must outlive the grants
+            self._exports.append(_Export(fd, backing, byte, entries))
+            return owned
+
+    def _export_released(self, export: _Export) -> bool:
+        return export.backing.closed or not export_byte_locked(export.backing.fd, export.lock_byte)
+
+    def _forget_export(self, export: _Export) -> None:
+        entries, export.entries = export.entries, []
+        for entry in entries:
+            self._hv.grants.unpin(entry)
+        export.backing.drop()
+
+    def _prune_exports(self) -> None:
+        """Forget exported buffers that were released (Linux unlinks them from exp_list)."""
+        for export in list(self._exports):
+            if self._export_released(export):
+                self._exports.remove(export)
+                self._forget_export(export)
+
+    def dmabuf_export_wait_released(self, fd: int, timeout_ms: int) -> None:
+        operation = "gntdev dma-buf export wait released"
+        with self._hv.lock:
+            self._enter(operation)
+            if not 0 <= timeout_ms <= _U32:
+                raise BrokerError(errno.EINVAL, operation, f"timeout {timeout_ms} ms is out of range")
+            self._prune_exports()
+            # Linux looks the buffer up by the fd number the export returned.
+            matches = [export for export in self._exports if export.fd == fd]
+            if not matches:
+                raise BrokerError(
+                    errno.ENOENT, operation, f"fd {fd} is no live dma-buf exported by this instance (never, or already released)"
+                )
+            export = matches[-1]
+        deadline = time.monotonic() + timeout_ms / 1000
+        delay = 0.001
+        while True:
+            with self._hv.lock:
+                if export not in self._exports:
+                    return  # released together with the instance
+                if self._export_released(export):
+                    self._exports.remove(export)
+                    self._forget_export(export)
+                    return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BrokerError(errno.ETIMEDOUT, operation, f"the dma-buf exported as fd {fd} is still in use after {timeout_ms} ms")
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.05)
+
+    def dmabuf_import_to_refs(self, fd: int, domid: int, count: int) -> tuple[int, ...]:
+        operation = "gntdev dma-buf import to refs"
+        with self._hv.lock:
+            self._enter(operation)
+            if not 0 < count <= self._max_grants:
+                raise BrokerError(errno.EINVAL, operation, f"count {count}: expected 1..{self._max_grants}")
+            try:
+                st = os.fstat(fd)
+            except OSError as exc:
+                raise BrokerError.from_oserror(exc, operation, f"fd {fd}") from exc
+            kind = stat.S_IFMT(st.st_mode)
+            if kind in (stat.S_IFSOCK, stat.S_IFIFO, stat.S_IFDIR, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFLNK):
+                raise BrokerError(errno.EINVAL, operation, f"fd {fd} is not a dma-buf (not a mappable buffer)")
+            if st.st_size != count * PAGE_SIZE:
+                raise BrokerError(
+                    errno.EINVAL, operation, f"fd {fd} holds {st.st_size} bytes, not {count} pages of {PAGE_SIZE}"
+                )
+            table = self._hv.grants.create(self.domid)
+            backing = Backing(os.dup(fd), count, f"dma-buf import by domain {self.domid}")
+            backing.hold()  # the import's own reference, dropped at release
+            try:
+                refs = table.grant_pages(backing, range(count), domid, readonly=False, operation=operation)
+            except BaseException:
+                backing.drop()
+                raise
+            imported = _Import(backing, tuple(refs))
+            self._imports.append(imported)
+            return imported.refs
+
+    def dmabuf_import_release(self, fd: int) -> None:
+        operation = "gntdev dma-buf import release"
+        with self._hv.lock:
+            self._enter(operation)
+            try:
+                st = os.fstat(fd)
+            except OSError as exc:
+                raise BrokerError.from_oserror(exc, operation, f"fd {fd}") from exc
+            for imported in self._imports:
+                if (imported.backing.dev, imported.backing.ino) == (st.st_dev, st.st_ino):
+                    break
+            else:
+                raise BrokerError(errno.ENOENT, operation, f"fd {fd} is not a dma-buf imported by this instance")
+            self._imports.remove(imported)
+            self._end_import(imported)
+
+    def _end_import(self, imported: _Import) -> None:
+        table = self._hv.grants.tables.get(self.domid)
+        if table is not None:
+            for ref in imported.refs:
+                table.end(ref)
+        imported.backing.drop()
+
+    def __repr__(self) -> str:
+        return f"<EmulatedGntdev domain {self.domid} {self._link!r}>"
+
+
+def _file_at(vaddr: int) -> tuple[int, int, int] | None:
+    """(st_dev, st_ino, file offset) of the file mapped at *vaddr* in this process."""
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) < 5:
+                    continue
+                start_text, _, end_text = fields[0].partition("-")
+                start, end = int(start_text, 16), int(end_text, 16)
+                if not start <= vaddr < end:
+                    continue
+                inode = int(fields[4])
+                if inode == 0:
+                    return None
+                major, _, minor = fields[3].partition(":")
+                dev = os.makedev(int(major, 16), int(minor, 16))
+                return dev, inode, int(fields[2], 16) + (vaddr - start)
+    except OSError:
+        return None
+    return None

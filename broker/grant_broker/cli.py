@@ -1,0 +1,310 @@
+"""``grant-broker``: run the broker, and operate it.
+
+Run ``grant-broker --help`` or ``grant-broker COMMAND --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import string
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from grant_broker import __version__
+from grant_broker_protocol.errors import BrokerError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+_EPILOG = """\
+examples:
+  grant-broker serve                         # emulated hypervisor unless /dev/xen exists
+  grant-broker status --json
+  grant-broker share --to-domain 2 --text hello        # as domain 1 (emulated); prints the ref
+  grant-broker map --as-domain 2 --domain 1 --ref 8    # dump the page the other one shares
+  grant-broker watch --as-domain 2 --remote-domain 1   # bind a port and print its events
+
+The socket defaults to $GRANT_BROKER_SOCKET, else $XDG_RUNTIME_DIR/grant-broker/broker.sock
+(/run/grant-broker/broker.sock as root).
+"""
+
+
+def _socket_default() -> str:
+    from grant_broker_protocol.endpoints import default_socket_path
+
+    return default_socket_path()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grant-broker",
+        description="One per-host daemon that owns the Xen grant-table, event-channel and mem-buf devices "
+        "and serves them to other processes over gRPC.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"grant-broker {__version__}")
+    parser.add_argument("--socket", default=None, help="the broker's gRPC Unix socket (default: see below)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the broker", description="Run the broker in the foreground until SIGTERM/SIGINT.")
+    serve.add_argument("--backend", default="auto", choices=["auto", "emulated", "xen"],
+                       help="auto (default): the real Xen devices when /dev/xen/gntdev exists, else the emulated hypervisor")
+    serve.add_argument("--socket-mode", default="0660", help="permissions of the sockets, octal (default 0660)")
+    serve.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get on shutdown (default 5)")
+    serve.add_argument("--allow-uid", type=int, action="append", default=[], help="only these uids may open sessions (repeatable; default: whoever the socket mode lets in)")
+    serve.add_argument("--allow-gid", type=int, action="append", default=[], help="... or these gids (repeatable)")
+    serve.add_argument("--max-grants-per-session", type=int, default=None, help="quota of mapped + shared grants per session")
+    serve.add_argument("--max-subscriptions-per-session", type=int, default=None,
+                       help="event-channel subscriptions (Subscribe streams) one session may hold (default 64)")
+
+    status = commands.add_parser("status", help="backend, capabilities, sessions and what they hold")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    share = commands.add_parser("share", help="share pages with a domain and print their refs (holds them until Ctrl-C)")
+    share.add_argument("--to-domain", type=int, required=True, help="the domain that may map the pages")
+    share.add_argument("--as-domain", type=int, default=None, help="act as this domain (emulated backend; default 1)")
+    share.add_argument("--count", type=int, default=1, help="pages (default 1)")
+    share.add_argument("--readonly", action="store_true", help="grant read-only")
+    share.add_argument("--text", default="", help="write this text at the start of the first page")
+    share.add_argument("--json", action="store_true")
+    share.add_argument("--once", action="store_true", help="print and exit (releasing the pages) instead of holding")
+
+    map_ = commands.add_parser("map", help="map a domain's grant and dump it")
+    map_.add_argument("--domain", type=int, required=True, help="the granting domain")
+    map_.add_argument("--ref", type=int, required=True, action="append", help="grant ref (repeatable for several pages)")
+    map_.add_argument("--as-domain", type=int, default=None, help="act as this domain (emulated backend; default 2)")
+    map_.add_argument("--bytes", type=int, default=64, help="how many bytes to dump (default 64)")
+    map_.add_argument("--write", default=None, help="write this text at offset 0 (needs a writable grant)")
+    map_.add_argument("--json", action="store_true")
+
+    watch = commands.add_parser("watch", help="bind an event channel and print its events until Ctrl-C")
+    watch.add_argument("--as-domain", type=int, default=None, help="act as this domain (emulated backend)")
+    watch.add_argument("--remote-domain", type=int, required=True)
+    watch.add_argument("--remote-port", type=int, default=None, help="bind interdomain to this port (default: allocate an unbound port)")
+    watch.add_argument("--count", type=int, default=0, help="exit after this many events (default: never)")
+    watch.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    notify = commands.add_parser("notify", help="bind to a remote port and notify it")
+    notify.add_argument("--as-domain", type=int, default=None, help="act as this domain (emulated backend)")
+    notify.add_argument("--remote-domain", type=int, required=True)
+    notify.add_argument("--remote-port", type=int, required=True)
+    notify.add_argument("--times", type=int, default=1)
+    return parser
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=None, sort_keys=True), flush=True)
+
+
+def _hexdump(data: bytes) -> str:
+    printable = set(string.printable) - set("\t\n\r\x0b\x0c")
+    lines = []
+    for offset in range(0, len(data), 16):
+        chunk = data[offset : offset + 16]
+        hexes = " ".join(f"{byte:02x}" for byte in chunk)
+        text = "".join(chr(byte) if chr(byte) in printable else "." for byte in chunk)
+        lines.append(f"{offset:08x}  {hexes:<47}  {text}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from grant_broker.service.server import ServerConfig, serve
+    from grant_broker.service.session import Limits, Policy
+
+    quotas = {
+        "max_grants_per_session": args.max_grants_per_session,
+        "max_subscriptions_per_session": args.max_subscriptions_per_session,
+    }
+    limits = Limits(**{name: value for name, value in quotas.items() if value is not None})
+    config = ServerConfig(
+        socket_path=args.socket or _socket_default(),
+        backend=args.backend,
+        socket_mode=int(args.socket_mode, 8),
+        grace_seconds=args.grace,
+        policy=Policy(allowed_uids=frozenset(args.allow_uid), allowed_gids=frozenset(args.allow_gid)),
+        limits=limits,
+    )
+
+    def ready(server: Any) -> None:
+        caps = server.capabilities
+        features = [name for name in ("gntdev", "gntalloc", "evtchn", "grant_copy", "dmabuf", "set_max_grants") if getattr(caps, name)]
+        print(f"grant-broker {__version__} listening on {config.socket_path} (fd channel {config.socket_path}.fds)", flush=True)
+        print(f"backend: {caps.backend}; capabilities: {', '.join(features)}"
+              f"{'; mem-buf ABI ' + caps.membuf_abi.value if caps.membuf_abi else '; no mem-buf'}"
+              f"{'; sessions may choose their domain' if caps.any_domain else ''}", flush=True)
+        for note in caps.notes:
+            print(f"note: {note}", flush=True)
+
+    uvloop.run(serve(config, ready))
+    return EXIT_OK
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    import grpc
+
+    from grant_broker_protocol.v1 import broker_pb2, broker_pb2_grpc
+    from grant_broker_client.errors import from_rpc_error
+    from google.protobuf.json_format import MessageToDict
+
+    path = args.socket or _socket_default()
+    async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
+        try:
+            status = await broker_pb2_grpc.BrokerStub(channel).Status(broker_pb2.StatusRequest(), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                raise BrokerError(111, "status", f"no broker answers on {path}") from None
+            raise from_rpc_error(exc) from None
+    if args.json:
+        _print_json(MessageToDict(status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
+        return EXIT_OK
+    caps = status.capabilities
+    print(f"grant-broker {status.version}, up {status.uptime_seconds:.0f}s, {status.open_fds} open fds")
+    print(f"backend {caps.backend}: gntdev={caps.gntdev} gntalloc={caps.gntalloc} evtchn={caps.evtchn} "
+          f"grant_copy={caps.grant_copy} dmabuf={caps.dmabuf} set_max_grants={caps.set_max_grants} "
+          f"membuf={caps.membuf_abi or 'none'}")
+    print(f"{len(status.sessions)} session(s)")
+    if status.sessions:
+        print(f"{'id':>5} {'pid':>7} {'uid':>6} {'dom':>5}  {'maps':>5} {'grants':>6} {'shared':>6} {'ports':>5} {'dmabuf':>6}  client")
+        for s in status.sessions:
+            u = s.usage
+            print(f"{s.session_id:>5} {s.pid:>7} {s.uid:>6} {s.domid:>5}  {u.mappings:>5} {u.mapped_grants:>6} "
+                  f"{u.granted_pages:>6} {u.event_channels:>5} {u.dmabufs:>6}  {s.client_name}")
+    return EXIT_OK
+
+
+async def _session(args: argparse.Namespace, default_domid: int | None) -> Any:
+    from grant_broker_client import connect
+
+    domid = args.as_domain if args.as_domain is not None else default_domid
+    return await connect(args.socket, client_name=f"grant-broker {args.command}", domid=domid)
+
+
+async def cmd_share(args: argparse.Namespace) -> int:
+    session = await _session(args, 1)
+    async with session:
+        pages = await session.gntalloc.share(args.to_domain, args.count, writable=not args.readonly)
+        async with pages:
+            if args.text:
+                data = args.text.encode()
+                pages.view[: len(data)] = data
+            result = {"domain": session.domid, "to_domain": args.to_domain, "refs": list(pages.refs),
+                      "writable": not args.readonly}
+            if args.json:
+                _print_json(result)
+            else:
+                print(f"domain {session.domid} shares {len(pages.refs)} page(s) with domain {args.to_domain}: "
+                      f"refs {' '.join(map(str, pages.refs))}", flush=True)
+            if not args.once:
+                if not args.json:
+                    print("holding the grants; Ctrl-C releases them", flush=True)
+                await asyncio.Event().wait()
+    return EXIT_OK
+
+
+async def cmd_map(args: argparse.Namespace) -> int:
+    session = await _session(args, 2)
+    async with session:
+        refs = [(args.domain, ref) for ref in args.ref]
+        mapping = await session.gntdev.map(refs, writable=args.write is not None)
+        async with mapping:
+            if args.write is not None:
+                data = args.write.encode()
+                mapping.view[: len(data)] = data
+            dumped = bytes(mapping.view[: max(0, min(args.bytes, len(mapping.view)))])
+        if args.json:
+            _print_json({"domain": args.domain, "refs": args.ref, "hex": dumped.hex()})
+        else:
+            print(f"domain {session.domid} mapped refs {' '.join(map(str, args.ref))} of domain {args.domain}:")
+            print(_hexdump(dumped))
+    return EXIT_OK
+
+
+async def cmd_watch(args: argparse.Namespace) -> int:
+    from grant_broker_client.evtchn import EventsLost
+
+    session = await _session(args, None)
+    async with session:
+        if args.remote_port is None:
+            port = await session.evtchn.bind_unbound_port(args.remote_domain)
+        else:
+            port = await session.evtchn.bind_interdomain(args.remote_domain, args.remote_port)
+        if args.json:
+            _print_json({"event": "bound", "domain": session.domid, "port": port, "remote_domain": args.remote_domain})
+        else:
+            print(f"domain {session.domid} port {port} bound for domain {args.remote_domain}; waiting for events", flush=True)
+        seen = 0
+        async with await session.evtchn.subscribe([port]) as events:
+            async for event in events:
+                seen += 1
+                if isinstance(event, EventsLost):
+                    record = {"event": "lost", "count": event.count}
+                    text = f"{event.count} event(s) lost (this watcher fell behind)"
+                else:
+                    record = {"event": "fired", "port": event.port}
+                    text = f"port {event.port} fired"
+                if args.json:
+                    _print_json(record)
+                else:
+                    print(text, flush=True)
+                if args.count and seen >= args.count:
+                    break
+    return EXIT_OK
+
+
+async def cmd_notify(args: argparse.Namespace) -> int:
+    session = await _session(args, None)
+    async with session:
+        port = await session.evtchn.bind_interdomain(args.remote_domain, args.remote_port)
+        for _ in range(args.times):
+            await session.evtchn.notify(port)
+        print(f"domain {session.domid} notified port {args.remote_port} of domain {args.remote_domain} "
+              f"{args.times} time(s) through local port {port}")
+    return EXIT_OK
+
+
+_ASYNC_COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
+    "status": cmd_status,
+    "share": cmd_share,
+    "map": cmd_map,
+    "watch": cmd_watch,
+    "notify": cmd_notify,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+        import uvloop
+
+        return uvloop.run(_ASYNC_COMMANDS[args.command](args))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokerError as exc:
+        print(f"grant-broker {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except ValueError as exc:
+        print(f"grant-broker {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,470 @@
+"""Fan-out of one event-channel handle to many subscribers, on the event loop.
+
+An evtchn handle cannot be shared between readers (``xenevtchn.h``): a port
+read by one is gone for the others.  So each handle gets exactly one reader,
+an :class:`EventFanout`, registered with ``loop.add_reader`` on the handle's
+non-blocking descriptor.  When it becomes readable the fan-out reads the
+pending ports and hands each one to every :class:`Subscription` that asked
+for it.
+
+Delivery rules, in the order they matter:
+
+* **Own bounded queue per subscriber.**  A full queue never blocks the
+  reader or the other subscribers: the event is dropped *for that
+  subscriber*, counted, and the subscriber sees :class:`Lost` (the count)
+  right before its next delivered event.
+* **Nothing fired is forgotten for want of a listener.**  A port that fires
+  while nobody is subscribed to it is remembered (once, however often it
+  fires) and handed to the next subscription that covers it.  This is what
+  makes the pending event of a fresh ``BIND_INTERDOMAIN`` arrive exactly once.
+* **Auto-unmask.**  A fired port stays masked in the device until it is
+  unmasked, so notifications coalesce.  Once a port's event sits in the queue
+  of at least one auto-unmask subscriber, the fan-out unmasks it so the next
+  notification fires.  When every auto-unmask subscriber that wanted it was
+  full, the port is *held* masked — the source coalesces while the reader is
+  behind — and unmasked as soon as an auto-unmask subscriber takes an event
+  off its queue.
+  Subscribers without auto-unmask unmask themselves.
+
+Example, with a handle of the emulated backend::
+
+    fanout = EventFanout(handle)
+    try:
+        with fanout.subscribe(ports={port}) as subscription:
+            async for event in subscription:
+                if isinstance(event, Fired):
+                    print("port", event.port, "fired")
+                else:
+                    print(event.count, "events lost")
+    finally:
+        fanout.close()
+
+The fan-out never closes the handle: whoever opened it (the session) does,
+after closing the fan-out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import errno
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, NoReturn, Self
+
+from grant_broker.backend.contract import EvtchnHandle
+from grant_broker_protocol.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE_SIZE: Final = 1024
+"""Queue size of a subscription that does not choose one."""
+
+MAX_QUEUE_SIZE: Final = 65536
+"""A subscriber may not make the broker buffer more than this many events."""
+
+READ_BATCH: Final = 256
+"""Ports read per readable callback: bounded so one busy handle cannot starve the loop."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fired:
+    """*port* fired."""
+
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """*count* events were dropped for this subscriber (its queue was full)
+    between the previous event and the next one."""
+
+    count: int
+
+
+FanoutEvent = Fired | Lost
+
+
+class FanoutClosed(Exception):
+    """Raised by :meth:`EventFanout.subscribe` when the fan-out is already closed."""
+
+
+# A queue entry: (events lost just before this one, the port).  Carrying the
+# lost count inside the entry keeps "Lost before the next event" in one queue
+# slot, so a queue with room for one event always has room for its report.
+_Entry = tuple[int, int]
+_END: Final = (-1, -1)  # sentinel: the fan-out closed (never a real entry: counts are >= 0)
+
+_deliveries = 0  # events handed to subscribers, by every fan-out of the process
+
+
+def deliveries() -> int:
+    """How many fired ports the fan-outs of this process have handed to
+    subscribers so far: a caller can tell whether a turn of the event loop
+    delivered anything."""
+    return _deliveries
+
+
+# Live fan-outs by (loop, descriptor): a second add_reader on the same
+# descriptor would silently replace the first reader, and events would go
+# missing, so a second reader is refused instead.
+_live: dict[tuple[int, int], "EventFanout"] = {}
+
+
+class EventFanout:
+    """The one reader of *handle*, fanning its events out to subscriptions.
+
+    Created live: the reader is registered with the running loop at once and
+    stays registered until :meth:`close`.  Ports read while nobody listens are
+    kept as pending (see the module docstring).
+
+    Args:
+        handle: the evtchn handle to read; borrowed, never closed here.
+        name: how log lines name this fan-out (e.g. ``"session 3"``).
+        bound_ports: the ports bound through *handle* right now.  With it, a
+            ring overflow (``EFBIG`` from the read) is recovered from: the
+            handle is reset and every bound port is reported as fired, since
+            any of them may have fired into the lost part of the ring
+            (spurious events are harmless; event-channel users re-check
+            their state on every event).  Without it, an overflow ends the
+            fan-out like any other read failure.
+
+    Raises:
+        RuntimeError: *handle* already has a live fan-out, or no loop is running.
+    """
+
+    def __init__(
+        self,
+        handle: EvtchnHandle,
+        *,
+        name: str = "evtchn",
+        bound_ports: Callable[[], Iterable[int]] | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._fd = handle.fileno()
+        self._key = (id(self._loop), self._fd)
+        if self._key in _live:
+            raise RuntimeError(f"{name}: the evtchn handle already has a reader (one reader per handle)")
+        self._handle = handle
+        self._name = name
+        self._bound_ports = bound_ports
+        self._closed = False
+        self._error: BaseException | None = None
+        self._all: set[Subscription] = set()  # subscriptions without a port filter
+        self._by_port: dict[int, set[Subscription]] = {}
+        self._pending: dict[int, None] = {}  # fired, nobody listening: an ordered set
+        self._held: set[int] = set()  # masked because every auto-unmask taker was full
+        self.events_read = 0
+        self.overflows = 0
+        self._loop.add_reader(self._fd, self._on_readable)
+        _live[self._key] = self
+
+    # ---------------------------------------------------------------- public
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the fan-out closed itself (a failed read of the device), else ``None``."""
+        return self._error
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._all) + len({s for subs in self._by_port.values() for s in subs})
+
+    @property
+    def pending_ports(self) -> tuple[int, ...]:
+        """Ports that fired while nobody was subscribed to them, oldest first."""
+        return tuple(self._pending)
+
+    def subscribe(self, ports: Iterable[int] = (), *, auto_unmask: bool = True, queue_size: int = 0) -> "Subscription":
+        """Start receiving events, from now on, of *ports* (all ports when empty).
+
+        The subscription is registered before this returns, so no event read
+        after this call is missed.  Pending ports it covers are queued to it
+        right away.  Use it as a (sync or async) context manager or close it:
+        an unclosed subscription keeps a slot in the fan-out.
+
+        Args:
+            ports: the ports of interest; empty means every port.
+            auto_unmask: unmask a port once its event is queued here.
+            queue_size: events buffered for a slow reader; 0 means
+                :data:`DEFAULT_QUEUE_SIZE`.
+
+        Raises:
+            ValueError: *queue_size* negative or above :data:`MAX_QUEUE_SIZE`.
+            FanoutClosed: the fan-out is closed.
+        """
+        if self._closed:
+            raise FanoutClosed(f"{self._name}: the event fan-out is closed")
+        if not 0 <= queue_size <= MAX_QUEUE_SIZE:
+            raise ValueError(f"queue size {queue_size} not in 0..{MAX_QUEUE_SIZE}")
+        subscription = Subscription(self, frozenset(ports), auto_unmask, queue_size or DEFAULT_QUEUE_SIZE)
+        if subscription.ports:
+            for port in subscription.ports:
+                self._by_port.setdefault(port, set()).add(subscription)
+        else:
+            self._all.add(subscription)
+        # Hand over what fired before anyone listened.
+        for port in [p for p in self._pending if subscription.wants(p)]:
+            del self._pending[port]
+            self._dispatch(port)
+        return subscription
+
+    def forget_port(self, port: int) -> None:
+        """*port* was unbound: drop what the fan-out remembers of it."""
+        self._pending.pop(port, None)
+        self._held.discard(port)
+
+    def forget_pending(self) -> None:
+        """The handle was reset (``IOCTL_EVTCHN_RESET``): what it fired and
+        nobody took is dropped with its ring.  Ports held masked for a full
+        subscriber are still unmasked once it makes room: that is a promise
+        to the subscriber, not a pending event."""
+        self._pending.clear()
+
+    def close(self) -> None:
+        """Stop reading and end every subscription (they finish cleanly).  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._loop.remove_reader(self._fd)
+        finally:
+            if _live.get(self._key) is self:
+                del _live[self._key]
+            subscriptions = self._all | {s for subs in self._by_port.values() for s in subs}
+            self._all.clear()
+            self._by_port.clear()
+            self._pending.clear()
+            self._held.clear()
+            for subscription in subscriptions:
+                subscription._end()
+
+    # ---------------------------------------------------------------- reading
+
+    def _on_readable(self) -> None:
+        if self._closed:  # a callback already scheduled when close() ran
+            return
+        try:
+            ports = self._handle.read_pending(READ_BATCH)
+        except BrokerError as exc:
+            if exc.errno == errno.EFBIG and self._bound_ports is not None:
+                ports = self._recover_overflow()
+            else:
+                self._fail(exc)
+                return
+        except Exception as exc:  # noqa: BLE001 - a dead device ends the fan-out, it must not spin
+            self._fail(exc)
+            return
+        self.events_read += len(ports)
+        for port in ports:
+            self._dispatch(port)
+
+    def _fail(self, exc: BaseException) -> None:
+        log.error("%s: reading the evtchn device failed, ending its subscriptions: %s", self._name, exc)
+        self._error = exc
+        self.close()
+
+    def _recover_overflow(self) -> list[int]:
+        # Linux evtchn_read fails with EFBIG once its ring overflowed, until
+        # RESET.  Whatever was in the ring is gone, and the ports in it stay
+        # masked; so report every bound port as fired (delivery then unmasks
+        # it, or its subscriber does).
+        assert self._bound_ports is not None
+        log.warning("%s: the evtchn ring overflowed; resetting it and reporting every bound port", self._name)
+        self.overflows += 1
+        try:
+            self._handle.reset()
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+            return []
+        self._pending.clear()
+        self._held.clear()
+        return sorted(self._bound_ports())
+
+    def _dispatch(self, port: int) -> None:
+        global _deliveries
+        takers = self._all.union(self._by_port.get(port, ()))
+        if not takers:
+            # Left masked in the device, so further notifications coalesce
+            # until someone subscribes; remembered once.
+            self._pending[port] = None
+            return
+        _deliveries += 1
+        queued_for_unmasker = False
+        wanted_by_unmasker = False
+        for subscription in takers:
+            queued = subscription._offer(port)
+            if subscription.auto_unmask:
+                wanted_by_unmasker = True
+                queued_for_unmasker = queued_for_unmasker or queued
+        if queued_for_unmasker:
+            self._unmask(port)
+        elif wanted_by_unmasker:
+            self._held.add(port)
+
+    def _unmask(self, port: int) -> None:
+        try:
+            self._handle.unmask(port)
+        except Exception as exc:  # noqa: BLE001 - the port may just have been unbound
+            log.warning("%s: unmask of port %d failed: %s", self._name, port, exc)
+
+    def _room_made(self) -> None:
+        """An auto-unmask subscriber took an event: let held ports fire again."""
+        if self._held:
+            held, self._held = self._held, set()
+            for port in held:
+                self._unmask(port)
+
+    def _unregister(self, subscription: "Subscription") -> None:
+        if subscription.ports:
+            for port in subscription.ports:
+                subs = self._by_port.get(port)
+                if subs is not None:
+                    subs.discard(subscription)
+                    if not subs:
+                        del self._by_port[port]
+        else:
+            self._all.discard(subscription)
+        if subscription.auto_unmask:
+            # It may be the full subscriber a port is held masked for.
+            self._room_made()
+
+
+class Subscription:
+    """Events of an :class:`EventFanout` for one subscriber, in order.
+
+    An async iterator of :class:`Fired` / :class:`Lost`; it ends (cleanly)
+    when the subscription or the fan-out is closed, or raises the device
+    error that closed the fan-out.  Also a sync and async context manager
+    that closes it.  Create with :meth:`EventFanout.subscribe`.
+    """
+
+    def __init__(self, fanout: EventFanout, ports: frozenset[int], auto_unmask: bool, queue_size: int) -> None:
+        self._fanout = fanout
+        self.ports = ports
+        self.auto_unmask = auto_unmask
+        self.queue_size = queue_size
+        self._queue: asyncio.Queue[_Entry] = asyncio.Queue(queue_size)
+        self._lost = 0  # dropped since the last queued event
+        self.lost_total = 0
+        self.delivered_total = 0
+        self._ended = False
+        self._carry: int | None = None  # port to yield after its Lost report
+
+    @property
+    def closed(self) -> bool:
+        return self._ended
+
+    def wants(self, port: int) -> bool:
+        return not self.ports or port in self.ports
+
+    def close(self) -> None:
+        """Stop receiving; the iterator ends.  Idempotent."""
+        if not self._ended:
+            self._fanout._unregister(self)
+            self._end()
+
+    # ------------------------------------------------------------ fan-out side
+
+    def _offer(self, port: int) -> bool:
+        """Queue *port* if there is room; otherwise count it as lost.  Never blocks."""
+        try:
+            self._queue.put_nowait((self._lost, port))
+        except asyncio.QueueFull:
+            self._lost += 1
+            self.lost_total += 1
+            return False
+        self._lost = 0
+        return True
+
+    def _end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        # Wake a reader blocked on the empty queue.  A reader can only be
+        # blocked when the queue is empty; make room anyway so the sentinel
+        # always fits (what is queued is discarded: closed means closed).
+        while self._queue.full():
+            self._queue.get_nowait()
+        self._queue.put_nowait(_END)
+
+    # ------------------------------------------------------------ consumer side
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> FanoutEvent:
+        ready = self._ready()
+        if ready is not None:
+            return ready
+        return self._consume(await self._queue.get())
+
+    def get_nowait(self) -> FanoutEvent | None:
+        """The next event if one is queued, else ``None``.
+
+        Raises:
+            StopAsyncIteration: the subscription has ended (as the iterator would).
+        """
+        ready = self._ready()
+        if ready is not None:
+            return ready
+        try:
+            entry = self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        return self._consume(entry)
+
+    def _ready(self) -> FanoutEvent | None:
+        if self._carry is not None:
+            port, self._carry = self._carry, None
+            return Fired(port)
+        if self._ended:
+            self._raise_end()
+        return None
+
+    def _consume(self, entry: _Entry) -> FanoutEvent:
+        if self._ended or entry == _END:
+            self._raise_end()
+        lost, port = entry
+        self.delivered_total += 1
+        if self.auto_unmask:
+            self._fanout._room_made()
+        if lost:
+            self._carry = port
+            return Lost(lost)
+        return Fired(port)
+
+    def _raise_end(self) -> NoReturn:
+        error = self._fanout.error
+        if error is not None:
+            # A copy per subscriber: raising one object from many tasks would
+            # chain their tracebacks together.
+            raise copy.copy(error) from None
+        raise StopAsyncIteration
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        which = sorted(self.ports) if self.ports else "all"
+        return f"<Subscription ports={which} queued={self._queue.qsize()}/{self.queue_size} lost={self.lost_total}>"
+

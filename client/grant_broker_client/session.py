@@ -1,0 +1,410 @@
+"""Connecting to the broker and holding a session.
+
+>>> async with await grant_broker_client.connect() as session:   # doctest: +SKIP
+...     print(session.domid)
+
+A :class:`Session` is two connections: gRPC over the broker's Unix socket,
+and the fd channel (SOCK_SEQPACKET) that authenticates the session and
+carries descriptors.  When the session closes — or the process dies — the
+broker releases everything the session held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import itertools
+import os
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from grant_broker_protocol.fdchannel import (
+    MAX_FDS_PER_FRAME,
+    PROTOCOL_VERSION,
+    ChannelClosed,
+    DescriptorsDropped,
+    FdChannel,
+    ProtocolError,
+)
+from grant_broker_protocol.endpoints import SESSION_METADATA_KEY, default_socket_path, fd_channel_path
+from grant_broker_protocol.fds import OwnedFd
+from grant_broker_protocol.status import status_code_for
+from grant_broker_protocol.v1 import broker_pb2, broker_pb2_grpc
+from grant_broker_protocol.v1.fdchannel_pb2 import ClientHello, FdFrame, FdTransfer
+from grant_broker_client.errors import BrokerClientError, from_rpc_error
+
+if TYPE_CHECKING:
+    from grant_broker_client.reconnect import Retry
+    from grant_broker_client.evtchn import EvtchnClient
+    from grant_broker_client.gntalloc import GntallocClient
+    from grant_broker_client.gntdev import GntdevClient
+    from grant_broker_client.membuf import MemBufClient
+
+DEFAULT_MAX_IN_FLIGHT = 1024
+"""Unary calls one session has in flight at most; more wait in the SDK, in order.
+
+A burst of thousands of calls on one connection would otherwise sit in the
+broker's grpc backlog (which grpc core sheds with CANCELLED beyond its limits,
+see ``grant_broker.service.server.MAX_QUEUED_CALLS``); waiting here costs the
+caller nothing and keeps the broker's backlog bounded by sessions x this."""
+_Response = TypeVar("_Response", bound=Message)
+
+CHANNEL_OPTIONS = (
+    # grpc shares one connection (subchannel) between every channel of the
+    # process to the same socket, with its reconnect backoff (by default up to
+    # 120 s).  A restarted broker is back within a second or two: keep the
+    # backoff short so that new sessions do not inherit a long wait.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+CONNECT_TIMEOUT = 10.0
+HELLO_TIMEOUT = 10.0
+
+
+def _refusal(operation: str, error: Any) -> BrokerClientError:
+    """The broker's ProtocolError frame as an error: its errno says why (0 from
+    brokers that did not say: a refusal, PERMISSION_DENIED)."""
+    if not error.errno:
+        return BrokerClientError(errno.EPERM, operation, error.message, code=grpc.StatusCode.PERMISSION_DENIED)
+    return BrokerClientError(error.errno, operation, error.message, code=status_code_for(error.errno))
+
+
+# What calls of a session whose broker went away fail with, before the SDK
+# says so plainly: the dead connection, or a restarted broker that does not
+# know the token.
+_LOST_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.CANCELLED})
+
+
+class Session:
+    """An open session with the broker.  Use :func:`connect`."""
+
+    def __init__(
+        self, socket_path: str, channel: grpc.aio.Channel, fd_channel: FdChannel, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
+        self.socket_path = socket_path
+        self.grpc_channel = channel
+        self._fd_channel = fd_channel
+        self.session_id = 0
+        self.domid = 0
+        self.vmid = 0
+        self._token = ""
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        self._incoming: dict[int, list[OwnedFd]] = {}
+        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._closed = False
+        self._channel_error: BaseException | None = None
+        self._broker_lost = False
+        self._failed_transfers: dict[int, BrokerClientError] = {}
+        self._in_flight = asyncio.Semaphore(max_in_flight)
+        self._next_transfer = itertools.count(1)
+        self._send_lock = asyncio.Lock()
+        self.broker = broker_pb2_grpc.BrokerStub(channel)
+
+    # Device clients, one per kernel interface, created on first use.  Never
+    # after close: grpcio crashes when a stub is made on a closed channel.
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BrokerClientError(errno.EPIPE, "session", "the session is closed", code=grpc.StatusCode.UNAVAILABLE)
+
+    @functools.cached_property
+    def gntdev(self) -> "GntdevClient":
+        self._check_open()
+        from grant_broker_client.gntdev import GntdevClient
+
+        return GntdevClient(self)
+
+    @functools.cached_property
+    def gntalloc(self) -> "GntallocClient":
+        self._check_open()
+        from grant_broker_client.gntalloc import GntallocClient
+
+        return GntallocClient(self)
+
+    @functools.cached_property
+    def evtchn(self) -> "EvtchnClient":
+        self._check_open()
+        from grant_broker_client.evtchn import EvtchnClient
+
+        return EvtchnClient(self)
+
+    @functools.cached_property
+    def membuf(self) -> "MemBufClient":
+        self._check_open()
+        from grant_broker_client.membuf import MemBufClient
+
+        return MemBufClient(self)
+
+    # ------------------------------------------------------------ set-up
+
+    async def _hello(self, client_name: str, domid: int | None, vmid: int | None) -> None:
+        hello = ClientHello(protocol_version=PROTOCOL_VERSION, client_name=client_name)
+        if domid is not None:
+            hello.domid = domid
+        if vmid is not None:
+            hello.vmid = vmid
+        await self._fd_channel.send(FdFrame(client_hello=hello))
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                frame, fds = await self._fd_channel.receive()
+        except TimeoutError:
+            raise BrokerClientError(errno.ETIMEDOUT, "open session", f"the broker did not answer the hello within {HELLO_TIMEOUT} s",
+                                    code=grpc.StatusCode.UNAVAILABLE) from None
+        for fd in fds:
+            fd.close()
+        body = frame.WhichOneof("body")
+        if body == "error":
+            raise _refusal("open session", frame.error)
+        if body != "server_hello":
+            raise ProtocolError(f"expected ServerHello, got {body}")
+        server = frame.server_hello
+        self.session_id, self.domid, self.vmid, self._token = server.session_id, server.domid, server.vmid, server.token
+        self._metadata = ((SESSION_METADATA_KEY, self._token),)
+        self._reader = asyncio.get_running_loop().create_task(self._read_frames())
+
+    async def _read_frames(self) -> None:
+        try:
+            while True:
+                try:
+                    frame, fds = await self._fd_channel.receive()
+                except DescriptorsDropped as exc:
+                    # This process is out of descriptors: the call waiting for
+                    # them fails (RESOURCE_EXHAUSTED); the session goes on.
+                    failure = BrokerClientError(errno.EMFILE, "fd channel", f"this process is out of descriptors: {exc}",
+                                                code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+                    self._failed_transfers[exc.transfer_id] = failure
+                    waiter = self._waiters.get(exc.transfer_id)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(None)
+                    continue
+                body = frame.WhichOneof("body")
+                if body == "error":
+                    for fd in fds:
+                        fd.close()
+                    raise ProtocolError(f"broker ended the session: {frame.error.message}")
+                if body != "transfer":
+                    for fd in fds:
+                        fd.close()
+                    raise ProtocolError(f"unexpected {body} frame from the broker")
+                self._incoming.setdefault(frame.transfer.transfer_id, []).extend(fds)
+                waiter = self._waiters.get(frame.transfer.transfer_id)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+        except (ChannelClosed, ProtocolError, OSError) as exc:
+            self._channel_error = exc
+            # A hang-up without a ProtocolError frame: the broker process is
+            # gone (stopped, crashed, restarting), not refusing this session.
+            self._broker_lost = isinstance(exc, (ChannelClosed, OSError))
+            for waiter in self._waiters.values():
+                if not waiter.done():
+                    waiter.set_exception(
+                        BrokerClientError(errno.EPIPE, "fd channel", f"the session's fd channel is gone: {exc}",
+                                          code=grpc.StatusCode.UNAVAILABLE)
+                    )
+
+    # ------------------------------------------------------------ calls
+
+    @property
+    def broker_lost(self) -> bool:
+        """The broker hung up the fd channel without a protocol error: it stopped,
+        crashed or is restarting.  The session and everything it held are gone
+        in the broker; every call now fails with UNAVAILABLE.  Open a new
+        session (see :mod:`grant_broker_client.reconnect`)."""
+        return self._broker_lost
+
+    def _lost_error(self, operation: str) -> BrokerClientError:
+        return BrokerClientError(
+            errno.ECONNRESET, operation,
+            f"the broker closed session {self.session_id} (it stopped or restarted: {self._channel_error}); "
+            "everything the session held is gone — open a new session",
+            code=grpc.StatusCode.UNAVAILABLE,
+        )
+
+    async def call(self, method: Any, request: Message, *, timeout: float | None = None) -> Any:
+        """Invoke a unary stub *method* within this session; errors become
+        :class:`BrokerClientError` with the broker's errno / GNTST / status.
+
+        At most ``max_in_flight`` (see :func:`connect`) calls of the session
+        run at once; more wait here, in order, and *timeout* counts the wait.
+        A session whose broker went away fails with UNAVAILABLE
+        (:attr:`broker_lost`), whatever the new broker would answer its token."""
+        if self._closed:
+            raise BrokerClientError(errno.EPIPE, "call", "the session is closed", code=grpc.StatusCode.UNAVAILABLE)
+        if self._broker_lost:
+            raise self._lost_error("call")
+        if timeout is not None and self._in_flight.locked():
+            started = asyncio.get_running_loop().time()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._in_flight.acquire()
+            except TimeoutError:
+                raise BrokerClientError(errno.ETIMEDOUT, "call", f"no call slot of the session within {timeout} s",
+                                        code=grpc.StatusCode.DEADLINE_EXCEEDED) from None
+            timeout = max(0.0, timeout - (asyncio.get_running_loop().time() - started))
+        else:
+            await self._in_flight.acquire()
+        try:
+            return await method(request, metadata=self._metadata, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            error = from_rpc_error(exc)
+        finally:
+            self._in_flight.release()
+        if self._broker_lost and error.code in _LOST_CODES:
+            raise self._lost_error(error.operation) from None
+        raise error
+
+    def stream(self, method: Any, request: Message) -> Any:
+        """Start a server-streaming call within this session (the call object)."""
+        return method(request, metadata=self._metadata)
+
+    async def receive_fds(self, transfer_id: int, count: int, *, timeout: float = 5.0) -> list[OwnedFd]:
+        """The *count* descriptors the broker sent under *transfer_id* (they are
+        sent before the response that names them, so normally already here)."""
+        if count == 0:
+            fds = self._incoming.pop(transfer_id, [])
+            if fds:
+                for fd in fds:
+                    fd.close()
+            return []
+        if len(self._incoming.get(transfer_id, ())) < count:
+            await self._wait_for_fds(transfer_id, count, timeout)
+        fds = self._incoming.pop(transfer_id)
+        if len(fds) != count:
+            for fd in fds:
+                fd.close()
+            raise BrokerClientError(errno.EPROTO, "fd channel", f"transfer {transfer_id} carried {len(fds)} descriptors, the response names {count}",
+                                    code=grpc.StatusCode.INTERNAL)
+        return fds
+
+    async def _wait_for_fds(self, transfer_id: int, count: int, timeout: float) -> None:
+        # Only when the frame is not here yet: the timeout costs more than all
+        # the rest of receive_fds, and the frame usually arrived first.
+        try:
+            async with asyncio.timeout(timeout):
+                while len(self._incoming.get(transfer_id, ())) < count:
+                    if transfer_id in self._failed_transfers:
+                        for fd in self._incoming.pop(transfer_id, []):
+                            fd.close()
+                        raise self._failed_transfers.pop(transfer_id)
+                    if self._channel_error is not None:
+                        raise BrokerClientError(errno.EPIPE, "fd channel", f"the session's fd channel is gone: {self._channel_error}",
+                                                code=grpc.StatusCode.UNAVAILABLE)
+                    waiter = asyncio.get_running_loop().create_future()
+                    self._waiters[transfer_id] = waiter
+                    try:
+                        await waiter
+                    finally:
+                        self._waiters.pop(transfer_id, None)
+        except TimeoutError:
+            raise BrokerClientError(errno.ETIMEDOUT, "fd channel", f"descriptors of transfer {transfer_id} never arrived",
+                                    code=grpc.StatusCode.DEADLINE_EXCEEDED) from None
+
+    async def send_fds(self, fds: Sequence[int]) -> int:
+        """Send descriptors (borrowed) ahead of a request; return the transfer id to name in it."""
+        if not 0 < len(fds) <= MAX_FDS_PER_FRAME:
+            raise ValueError(f"between 1 and {MAX_FDS_PER_FRAME} descriptors per request")
+        transfer_id = next(self._next_transfer)
+        async with self._send_lock:
+            await self._fd_channel.send(FdFrame(transfer=FdTransfer(transfer_id=transfer_id, fd_count=len(fds))), fds)
+        return transfer_id
+
+    async def describe(self) -> broker_pb2.SessionInfo:
+        """This session as the broker sees it: domain, usage, capabilities."""
+        return await self.call(self.broker.DescribeSession, broker_pb2.DescribeSessionRequest())
+
+    # ------------------------------------------------------------ life
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        """End the session: the broker releases everything it held.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+        self._fd_channel.close()
+        for fds in self._incoming.values():
+            for fd in fds:
+                fd.close()
+        self._incoming.clear()
+        await self.grpc_channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+async def connect(
+    socket_path: str | None = None,
+    *,
+    client_name: str = "",
+    domid: int | None = None,
+    vmid: int | None = None,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    retry: "Retry | None" = None,
+) -> Session:
+    """Open a session with the broker at *socket_path* (default: :func:`default_socket_path`).
+
+    *domid* / *vmid* choose the domain the session acts as; only the emulated
+    backend allows it (a real host has one domain: the broker's).
+    *max_in_flight* bounds the session's concurrent unary calls (more wait in
+    the SDK).  With *retry* (a :class:`grant_broker_client.reconnect.Retry`),
+    a broker that is not there (yet) is waited for with exponential backoff
+    instead of failing at once with UNAVAILABLE.
+    """
+    if retry is not None:
+        from grant_broker_client.reconnect import connect_with_retry
+
+        return await connect_with_retry(
+            socket_path, retry=retry, client_name=client_name, domid=domid, vmid=vmid, max_in_flight=max_in_flight
+        )
+    path = socket_path or default_socket_path()
+    try:
+        fd_channel = await FdChannel.connect(fd_channel_path(path))
+    except OSError as exc:
+        raise BrokerClientError(exc.errno or errno.ECONNREFUSED, "connect",
+                                f"no broker at {path}: {exc.strerror}", code=grpc.StatusCode.UNAVAILABLE) from None
+    channel = grpc.aio.insecure_channel(f"unix:{path}", options=CHANNEL_OPTIONS)
+    session = Session(path, channel, fd_channel, max_in_flight=max_in_flight)
+    try:
+        await session._hello(client_name or f"pid {os.getpid()}", domid, vmid)
+        # The broker is there (it answered the hello): wait for the gRPC
+        # connection too, so that the first call does not fail fast on a
+        # connection still in reconnect backoff from a previous broker.
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await channel.channel_ready()
+        except TimeoutError:
+            raise BrokerClientError(errno.ETIMEDOUT, "open session", f"no gRPC connection to {path} within {CONNECT_TIMEOUT} s",
+                                    code=grpc.StatusCode.UNAVAILABLE) from None
+    except BrokerClientError:
+        await session.close()
+        raise
+    except (ChannelClosed, OSError) as exc:
+        # The broker went away during the hello (it was stopping or restarting).
+        await session.close()
+        raise BrokerClientError(errno.ECONNRESET, "open session", f"the broker at {path} hung up during the hello: {exc}",
+                                code=grpc.StatusCode.UNAVAILABLE) from None
+    except BaseException:
+        await session.close()
+        raise
+    return session

@@ -1,0 +1,258 @@
+"""The session fd channel: protobuf frames and SCM_RIGHTS descriptors over SOCK_SEQPACKET.
+
+Both the broker and the SDK speak it (see ``proto/grant_broker/v1/fdchannel.proto``).
+SEQPACKET keeps message boundaries, so the descriptors of one datagram can
+never be attributed to another frame — the failure stream sockets invite.
+Every receive checks ``MSG_CTRUNC``/``MSG_TRUNC`` and that the number of
+descriptors equals what the frame announces; any mismatch is a
+:class:`ProtocolError` and the descriptors that did arrive are closed.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import errno as _errno
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+
+from grant_broker_protocol.fds import OwnedFd
+from grant_broker_protocol.v1.fdchannel_pb2 import FdFrame
+
+PROTOCOL_VERSION = 1
+MAX_FDS_PER_FRAME = 32
+MAX_FRAME_BYTES = 4096
+_FD_SIZE = array.array("i").itemsize
+_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * _FD_SIZE)
+
+
+class ProtocolError(Exception):
+    """The peer broke the fd channel protocol (or was refused); the channel must
+    be closed.  *errno* says why, for the peer (``ProtocolError.errno`` in the
+    frame): EPROTO unless the refusal has a more precise reason."""
+
+    def __init__(self, message: str, *, errno: int = _errno.EPROTO) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class ChannelClosed(EOFError):
+    """The peer closed the fd channel."""
+
+
+class DescriptorsDropped(Exception):
+    """A well-formed transfer frame arrived, but the kernel could not install all
+    of its descriptors in this process (it is at its descriptor limit: the
+    kernel drops the rest and flags ``MSG_CTRUNC``).  Not the peer's fault: the
+    channel goes on; the descriptors that did arrive are closed."""
+
+    def __init__(self, transfer_id: int, announced: int, received: int) -> None:
+        super().__init__(f"{received} of the {announced} descriptors of transfer {transfer_id} could be received")
+        self.transfer_id = transfer_id
+        self.announced = announced
+        self.received = received
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """``SO_PEERCRED`` of the connected peer, as the kernel recorded it at connect()."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def _wake(waiter: "asyncio.Future[None]") -> None:
+    # The selector may report readiness again before the woken task runs.
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _dropped_here(payload: bytes, received: int) -> DescriptorsDropped | None:
+    """For a truncated receive: a transfer frame announcing at most
+    MAX_FDS_PER_FRAME descriptors, of which fewer arrived, fitted the control
+    buffer — so the kernel stopped installing them because this process ran
+    out of descriptors, not because the peer sent too many."""
+    frame = FdFrame()
+    try:
+        frame.ParseFromString(payload)
+    except DecodeError:
+        return None
+    if frame.WhichOneof("body") != "transfer":
+        return None
+    announced = frame.transfer.fd_count
+    if received < announced <= MAX_FDS_PER_FRAME:
+        return DescriptorsDropped(frame.transfer.transfer_id, announced, received)
+    return None
+
+
+def _announced_fds(frame: FdFrame) -> int:
+    return frame.transfer.fd_count if frame.WhichOneof("body") == "transfer" else 0
+
+
+class FdChannel:
+    """One end of an fd channel, driven by the running asyncio loop.
+
+    Sends and receives never block the loop: the socket is non-blocking and
+    waits go through the loop's reader/writer callbacks.  One task may
+    receive at a time.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        if sock.type != socket.SOCK_SEQPACKET:
+            raise ValueError("the fd channel needs a SOCK_SEQPACKET socket")
+        sock.setblocking(False)
+        self._sock = sock
+        self._receiving = False
+
+    @classmethod
+    async def connect(cls, path: str, *, timeout: float = 10.0) -> "FdChannel":
+        """Connect to the listener at *path*.
+
+        An AF_UNIX connect never completes later: it succeeds at once or, on
+        a non-blocking socket whose listener's backlog is full, fails with
+        EAGAIN — which ``loop.sock_connect`` mistakes for "in progress",
+        leaving a socket that is not connected (ENOTCONN on the first send).
+        So a full backlog (a thousand clients reconnecting at once after a
+        broker restart) is retried here until *timeout*."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.setblocking(False)
+            deadline = asyncio.get_running_loop().time() + timeout
+            pause = 0.001
+            while True:
+                try:
+                    sock.connect(path)
+                    break
+                except BlockingIOError:
+                    if asyncio.get_running_loop().time() + pause > deadline:
+                        raise
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.05)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self._sock.fileno() < 0
+
+    def peer_credentials(self) -> PeerCredentials:
+        raw = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", raw)
+        return PeerCredentials(pid, uid, gid)
+
+    async def send(self, frame: FdFrame, fds: Sequence[int] = ()) -> None:
+        """Send *frame* with *fds* (borrowed: the caller still owns and closes them)."""
+        if len(fds) > MAX_FDS_PER_FRAME:
+            raise ValueError(f"{len(fds)} descriptors in one frame; at most {MAX_FDS_PER_FRAME}")
+        if len(fds) != _announced_fds(frame):
+            raise ValueError(f"frame announces {_announced_fds(frame)} descriptors but {len(fds)} are attached")
+        payload = frame.SerializeToString()
+        if len(payload) > MAX_FRAME_BYTES:
+            raise ValueError(f"frame of {len(payload)} bytes exceeds {MAX_FRAME_BYTES}")
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                self._sock.sendmsg([payload], ancillary)
+                return
+            except BlockingIOError:
+                waiter = loop.create_future()
+                loop.add_writer(self._sock, _wake, waiter)
+                try:
+                    await waiter
+                finally:
+                    loop.remove_writer(self._sock)
+
+    def try_receive(self, *, accept_fds: bool = True) -> tuple[FdFrame, list[OwnedFd]] | None:
+        """Receive one frame if one is queued, else ``None``; never blocks.
+
+        With ``accept_fds=False`` no control buffer is offered: descriptors
+        attached to the frame are never installed in this process (the kernel
+        drops them and flags ``MSG_CTRUNC``), and the frame is refused."""
+        try:
+            payload, ancillary, flags, _ = self._sock.recvmsg(MAX_FRAME_BYTES, _ANCILLARY_SPACE if accept_fds else 0)
+        except BlockingIOError:
+            return None
+        fds: list[OwnedFd] = []
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received = array.array("i")
+                received.frombytes(data[: len(data) - (len(data) % _FD_SIZE)])
+                fds.extend(OwnedFd(fd) for fd in received)
+        try:
+            if not payload and not ancillary and not flags & socket.MSG_CTRUNC:
+                raise ChannelClosed("the peer closed the fd channel")
+            if flags & socket.MSG_CTRUNC:
+                if not accept_fds:
+                    raise ProtocolError("descriptors sent where none are accepted (they were dropped unopened)")
+                dropped = _dropped_here(payload, len(fds))
+                if dropped is not None:
+                    raise dropped
+                raise ProtocolError("descriptors were truncated (MSG_CTRUNC): too many in one frame")
+            if flags & socket.MSG_TRUNC:
+                raise ProtocolError(f"frame larger than {MAX_FRAME_BYTES} bytes")
+            frame = FdFrame()
+            try:
+                frame.ParseFromString(payload)
+            except DecodeError as exc:
+                raise ProtocolError(f"undecodable frame: {exc}") from None
+            if frame.WhichOneof("body") is None:
+                raise ProtocolError("empty or unknown frame")
+            if len(fds) != _announced_fds(frame):
+                raise ProtocolError(
+                    f"frame announces {_announced_fds(frame)} descriptors but {len(fds)} arrived"
+                )
+        except BaseException:
+            for fd in fds:
+                fd.close()
+            raise
+        return frame, fds
+
+    async def receive(self, *, accept_fds: bool = True) -> tuple[FdFrame, list[OwnedFd]]:
+        """Wait for the next frame (see :meth:`try_receive` for *accept_fds*).
+
+        Raises:
+            ChannelClosed: the peer closed the channel.
+            ProtocolError: the frame broke the protocol (its descriptors are closed).
+        """
+        if self._receiving:
+            raise RuntimeError("another task is already receiving on this fd channel")
+        self._receiving = True
+        loop = asyncio.get_running_loop()
+        reset = False
+        try:
+            while True:
+                try:
+                    received = self.try_receive(accept_fds=accept_fds)
+                except ConnectionResetError:
+                    # The peer closed with frames of ours unread.  Linux reports
+                    # that first (once) and then still delivers what the peer
+                    # sent before closing — typically the ProtocolError frame
+                    # saying why — so read on to the end.
+                    if reset:
+                        raise ChannelClosed("the peer reset the fd channel") from None
+                    reset = True
+                    continue
+                if received is not None:
+                    return received
+                waiter = loop.create_future()
+                loop.add_reader(self._sock, _wake, waiter)
+                try:
+                    await waiter
+                finally:
+                    loop.remove_reader(self._sock)
+        finally:
+            self._receiving = False
+
+    def close(self) -> None:
+        self._sock.close()
