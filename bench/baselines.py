@@ -42,7 +42,7 @@ async def _serve_grpc_echo(path: str) -> None:
 
     # The broker's own server options, so the floor is the same server.
     try:
-        from grant_broker.service.server import SERVER_OPTIONS as options
+        from grant_broker.daemon.server import SERVER_OPTIONS as options
     except ImportError:  # a broker from before SERVER_OPTIONS
         options = [("grpc.max_receive_message_length", 16 * 1024 * 1024), ("grpc.max_concurrent_streams", 100_000)]
     server = grpc.aio.server(options=list(options))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import errno as _errno
+from collections.abc import Callable
 
 import grpc
 from google.rpc import status_pb2
 
 from grant_broker_protocol.errors import BrokerError
+from grant_broker_protocol.status import status_code_for
 from grant_broker_protocol.v1.common_pb2 import ErrorDetail
 
 _DETAILS_KEY = "grpc-status-details-bin"
@@ -27,10 +29,15 @@ class BrokerClientError(BrokerError):
         super().__init__(code_errno, operation, detail, gntst=gntst)
         self.code = code
 
+    @classmethod
+    def from_error(cls, error: BrokerError) -> "BrokerClientError":
+        """*error* with the gRPC code its errno maps to (for failures that did not come as a status)."""
+        return cls(error.errno, error.operation, error.detail, gntst=error.gntst, code=status_code_for(error.errno))
+
     def __str__(self) -> str:
         return f"{super().__str__()} (gRPC {self.code.name})"
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> tuple[Callable[..., BrokerClientError], tuple[object, ...]]:
         return (_rebuild, (self.errno, self.operation, self.detail, self.gntst, self.code.name))
 
 
@@ -57,17 +64,10 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> BrokerClientError:
             for packed in status.details:
                 detail = ErrorDetail()
                 if packed.Unpack(detail):
-                    text = detail.message
-                    # The broker's message already says "operation: strerror (ENAME): detail";
-                    # keep just the part after the errno for .detail.
-                    marker = f"({detail.errno_name}): "
-                    if marker in text:
-                        text = text.split(marker, 1)[1]
-                        text = text.split(" [GNTST", 1)[0]
                     return BrokerClientError(
                         detail.errno,
                         detail.operation,
-                        text,
+                        detail.detail,
                         gntst=detail.gntst if detail.HasField("gntst") else None,
                         code=error.code(),
                     )

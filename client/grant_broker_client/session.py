@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
-import itertools
 import os
 from collections.abc import Sequence
 from types import TracebackType
@@ -32,10 +31,12 @@ from grant_broker_protocol.fdchannel import (
     ProtocolError,
 )
 from grant_broker_protocol.endpoints import SESSION_METADATA_KEY, default_socket_path, fd_channel_path
+from grant_broker_protocol.errors import BrokerError
 from grant_broker_protocol.fds import OwnedFd
 from grant_broker_protocol.status import status_code_for
+from grant_broker_protocol.transfers import TransferRefused, TransferTable
 from grant_broker_protocol.v1 import broker_pb2, broker_pb2_grpc
-from grant_broker_protocol.v1.fdchannel_pb2 import ClientHello, FdFrame, FdTransfer
+from grant_broker_protocol.v1.fdchannel_pb2 import ClientHello, FdFrame
 from grant_broker_client.errors import BrokerClientError, from_rpc_error
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ DEFAULT_MAX_IN_FLIGHT = 1024
 
 A burst of thousands of calls on one connection would otherwise sit in the
 broker's grpc backlog (which grpc core sheds with CANCELLED beyond its limits,
-see ``grant_broker.service.server.MAX_QUEUED_CALLS``); waiting here costs the
+see ``grant_broker.daemon.server.MAX_QUEUED_CALLS``); waiting here costs the
 caller nothing and keeps the broker's backlog bounded by sessions x this."""
 _Response = TypeVar("_Response", bound=Message)
 
@@ -97,16 +98,13 @@ class Session:
         self.vmid = 0
         self._token = ""
         self._metadata: tuple[tuple[str, str], ...] = ()
-        self._incoming: dict[int, list[OwnedFd]] = {}
-        self._waiters: dict[int, asyncio.Future[None]] = {}
+        # The broker's descriptors by transfer id, until the reply naming them is read.
+        self._incoming = TransferTable(accumulate=True, missing_errno=errno.ETIMEDOUT)
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
         self._channel_error: BaseException | None = None
         self._broker_lost = False
-        self._failed_transfers: dict[int, BrokerClientError] = {}
         self._in_flight = asyncio.Semaphore(max_in_flight)
-        self._next_transfer = itertools.count(1)
-        self._send_lock = asyncio.Lock()
         self.broker = broker_pb2_grpc.BrokerStub(channel)
 
     # Device clients, one per kernel interface, created on first use.  Never
@@ -178,37 +176,25 @@ class Session:
                 except DescriptorsDropped as exc:
                     # This process is out of descriptors: the call waiting for
                     # them fails (RESOURCE_EXHAUSTED); the session goes on.
-                    failure = BrokerClientError(errno.EMFILE, "fd channel", f"this process is out of descriptors: {exc}",
-                                                code=grpc.StatusCode.RESOURCE_EXHAUSTED)
-                    self._failed_transfers[exc.transfer_id] = failure
-                    waiter = self._waiters.get(exc.transfer_id)
-                    if waiter is not None and not waiter.done():
-                        waiter.set_result(None)
+                    self._incoming.fail(
+                        exc.transfer_id,
+                        BrokerError(errno.EMFILE, "fd channel", f"this process is out of descriptors: {exc}"),
+                    )
                     continue
                 body = frame.WhichOneof("body")
-                if body == "error":
-                    for fd in fds:
-                        fd.close()
-                    raise ProtocolError(f"broker ended the session: {frame.error.message}")
                 if body != "transfer":
                     for fd in fds:
                         fd.close()
+                    if body == "error":
+                        raise ProtocolError(f"broker ended the session: {frame.error.message}")
                     raise ProtocolError(f"unexpected {body} frame from the broker")
-                self._incoming.setdefault(frame.transfer.transfer_id, []).extend(fds)
-                waiter = self._waiters.get(frame.transfer.transfer_id)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
-        except (ChannelClosed, ProtocolError, OSError) as exc:
+                self._incoming.deliver(frame.transfer.transfer_id, fds)
+        except (ChannelClosed, ProtocolError, TransferRefused, OSError) as exc:
             self._channel_error = exc
             # A hang-up without a ProtocolError frame: the broker process is
             # gone (stopped, crashed, restarting), not refusing this session.
             self._broker_lost = isinstance(exc, (ChannelClosed, OSError))
-            for waiter in self._waiters.values():
-                if not waiter.done():
-                    waiter.set_exception(
-                        BrokerClientError(errno.EPIPE, "fd channel", f"the session's fd channel is gone: {exc}",
-                                          code=grpc.StatusCode.UNAVAILABLE)
-                    )
+            self._incoming.close(BrokerError(errno.EPIPE, "fd channel", f"the session's fd channel is gone: {exc}"))
 
     # ------------------------------------------------------------ calls
 
@@ -269,14 +255,11 @@ class Session:
         """The *count* descriptors the broker sent under *transfer_id* (they are
         sent before the response that names them, so normally already here)."""
         if count == 0:
-            fds = self._incoming.pop(transfer_id, [])
-            if fds:
-                for fd in fds:
-                    fd.close()
             return []
-        if len(self._incoming.get(transfer_id, ())) < count:
-            await self._wait_for_fds(transfer_id, count, timeout)
-        fds = self._incoming.pop(transfer_id)
+        try:
+            fds = await self._incoming.take("fd channel", transfer_id, count=count, timeout=timeout)
+        except BrokerError as exc:
+            raise BrokerClientError.from_error(exc) from None
         if len(fds) != count:
             for fd in fds:
                 fd.close()
@@ -284,41 +267,16 @@ class Session:
                                     code=grpc.StatusCode.INTERNAL)
         return fds
 
-    async def _wait_for_fds(self, transfer_id: int, count: int, timeout: float) -> None:
-        # Only when the frame is not here yet: the timeout costs more than all
-        # the rest of receive_fds, and the frame usually arrived first.
-        try:
-            async with asyncio.timeout(timeout):
-                while len(self._incoming.get(transfer_id, ())) < count:
-                    if transfer_id in self._failed_transfers:
-                        for fd in self._incoming.pop(transfer_id, []):
-                            fd.close()
-                        raise self._failed_transfers.pop(transfer_id)
-                    if self._channel_error is not None:
-                        raise BrokerClientError(errno.EPIPE, "fd channel", f"the session's fd channel is gone: {self._channel_error}",
-                                                code=grpc.StatusCode.UNAVAILABLE)
-                    waiter = asyncio.get_running_loop().create_future()
-                    self._waiters[transfer_id] = waiter
-                    try:
-                        await waiter
-                    finally:
-                        self._waiters.pop(transfer_id, None)
-        except TimeoutError:
-            raise BrokerClientError(errno.ETIMEDOUT, "fd channel", f"descriptors of transfer {transfer_id} never arrived",
-                                    code=grpc.StatusCode.DEADLINE_EXCEEDED) from None
-
     async def send_fds(self, fds: Sequence[int]) -> int:
         """Send descriptors (borrowed) ahead of a request; return the transfer id to name in it."""
         if not 0 < len(fds) <= MAX_FDS_PER_FRAME:
             raise ValueError(f"between 1 and {MAX_FDS_PER_FRAME} descriptors per request")
-        transfer_id = next(self._next_transfer)
-        async with self._send_lock:
-            await self._fd_channel.send(FdFrame(transfer=FdTransfer(transfer_id=transfer_id, fd_count=len(fds))), fds)
-        return transfer_id
+        return await self._fd_channel.send_transfer(fds)
 
     async def describe(self) -> broker_pb2.SessionInfo:
         """This session as the broker sees it: domain, usage, capabilities."""
-        return await self.call(self.broker.DescribeSession, broker_pb2.DescribeSessionRequest())
+        info: broker_pb2.SessionInfo = await self.call(self.broker.DescribeSession, broker_pb2.DescribeSessionRequest())
+        return info
 
     # ------------------------------------------------------------ life
 
@@ -338,10 +296,7 @@ class Session:
             except asyncio.CancelledError:
                 pass
         self._fd_channel.close()
-        for fds in self._incoming.values():
-            for fd in fds:
-                fd.close()
-        self._incoming.clear()
+        self._incoming.close(BrokerError(errno.EPIPE, "fd channel", "the session is closed"))
         await self.grpc_channel.close()
 
     async def __aenter__(self) -> Self:

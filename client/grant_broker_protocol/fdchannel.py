@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import errno as _errno
+import select
 import socket
 import struct
 from collections.abc import Sequence
@@ -21,7 +23,8 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from grant_broker_protocol.fds import OwnedFd
-from grant_broker_protocol.v1.fdchannel_pb2 import FdFrame
+from grant_broker_protocol.v1.fdchannel_pb2 import FdFrame, FdTransfer
+from grant_broker_protocol.v1.fdchannel_pb2 import ProtocolError as ProtocolErrorFrame
 
 PROTOCOL_VERSION = 1
 MAX_FDS_PER_FRAME = 32
@@ -108,6 +111,8 @@ class FdChannel:
         sock.setblocking(False)
         self._sock = sock
         self._receiving = False
+        self._next_transfer = 1
+        self._transfer_lock = asyncio.Lock()
 
     @classmethod
     async def connect(cls, path: str, *, timeout: float = 10.0) -> "FdChannel":
@@ -172,6 +177,20 @@ class FdChannel:
                     await waiter
                 finally:
                     loop.remove_writer(self._sock)
+
+    async def send_transfer(self, fds: Sequence[int]) -> int:
+        """Send *fds* (borrowed) as one transfer under a new id, and return the
+        id for the message that names them.  More than MAX_FDS_PER_FRAME go
+        as several frames under the same id, in order; none at all as one
+        empty frame (the peer still learns the id)."""
+        transfer_id = self._next_transfer
+        self._next_transfer += 1
+        chunks = [fds[i : i + MAX_FDS_PER_FRAME] for i in range(0, len(fds), MAX_FDS_PER_FRAME)] or [[]]
+        # One transfer's frames must not interleave with another's.
+        async with self._transfer_lock:
+            for chunk in chunks:
+                await self.send(FdFrame(transfer=FdTransfer(transfer_id=transfer_id, fd_count=len(chunk))), chunk)
+        return transfer_id
 
     def try_receive(self, *, accept_fds: bool = True) -> tuple[FdFrame, list[OwnedFd]] | None:
         """Receive one frame if one is queued, else ``None``; never blocks.
@@ -254,5 +273,26 @@ class FdChannel:
         finally:
             self._receiving = False
 
+    def send_error_nowait(self, message: str, code: int) -> None:
+        """Tell the peer why the channel ends (a ``ProtocolError`` frame), if the
+        socket takes it at once; never waits, never raises: the channel is
+        being given up anyway."""
+        frame = FdFrame(error=ProtocolErrorFrame(message=message, errno=code))
+        with contextlib.suppress(OSError, ValueError):
+            self._sock.send(frame.SerializeToString(), socket.MSG_DONTWAIT)
+
+    def hung_up(self) -> bool:
+        """Whether the peer is gone, asked of the kernel now (one non-blocking
+        ``poll``), not when a reader gets to the hang-up."""
+        fd = self._sock.fileno()
+        if fd < 0:
+            return True
+        poller = select.poll()
+        poller.register(fd, _HUNG_UP)
+        return bool(poller.poll(0))
+
     def close(self) -> None:
         self._sock.close()
+
+
+_HUNG_UP = select.POLLHUP | select.POLLRDHUP | select.POLLERR | select.POLLNVAL

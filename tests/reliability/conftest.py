@@ -37,7 +37,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from grant_broker.service.server import BrokerServer, ServerConfig
+from grant_broker.daemon.server import BrokerServer, ServerConfig
 from grant_broker_protocol.v1 import broker_pb2, broker_pb2_grpc
 
 HERE = Path(__file__).parent

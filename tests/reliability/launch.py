@@ -13,8 +13,9 @@ import sys
 
 import uvloop
 
-from grant_broker.service.server import ServerConfig, serve
-from grant_broker.service.session import Limits, Policy
+from grant_broker.daemon.run import serve
+from grant_broker.daemon.server import ServerConfig
+from grant_broker.core.policy import Limits, Policy
 
 
 def main() -> None:

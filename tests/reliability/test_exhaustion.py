@@ -16,7 +16,7 @@ import pytest
 
 import grant_broker_client
 from grant_broker.backend.emulated import EmulatedHypervisor
-from grant_broker.service.server import BrokerServer
+from grant_broker.daemon.server import BrokerServer
 from grant_broker_client import BrokerClientError, Session
 from grant_broker_client.evtchn import PortFired
 from grant_broker_client.gntdev import CopySegment, Foreign

@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from grant_broker_protocol.fdchannel import MAX_FDS_PER_FRAME, MAX_FRAME_BYTES
-from grant_broker.service.session import Limits
+from grant_broker.core.policy import Limits
 from grant_broker_protocol.v1 import broker_pb2, common_pb2, gntdev_pb2
 from grant_broker_protocol.v1.fdchannel_pb2 import ClientHello, FdFrame, FdTransfer, ProtocolError, ServerHello
 

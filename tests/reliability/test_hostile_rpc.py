@@ -38,7 +38,7 @@ from google.rpc import status_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grant_broker.service.status import status_code_for
+from grant_broker_protocol.status import status_code_for
 from grant_broker_protocol.v1 import broker_pb2, common_pb2, evtchn_pb2, gntalloc_pb2, gntdev_pb2, membuf_pb2
 from grant_broker_protocol.v1.common_pb2 import ErrorDetail
 

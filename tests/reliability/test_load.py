@@ -29,7 +29,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import grant_broker_client
-from grant_broker.service.server import MAX_QUEUED_CALLS, SERVER_OPTIONS
+from grant_broker.daemon.server import MAX_QUEUED_CALLS, SERVER_OPTIONS
 from grant_broker_protocol.v1 import broker_pb2, broker_pb2_grpc
 from grant_broker_client import BrokerClientError, Session
 from grant_broker_client.gntdev import CopySegment, Foreign

@@ -40,8 +40,8 @@ import grant_broker_client
 import grant_broker_protocol.fdchannel as fdchannel_module
 from grant_broker_protocol.errors import BrokerError
 from grant_broker_protocol.fds import OwnedFd
-from grant_broker.service.server import BrokerServer
-from grant_broker.service.session import Policy
+from grant_broker.daemon.server import BrokerServer
+from grant_broker.core.policy import Policy
 from grant_broker_protocol.endpoints import SESSION_METADATA_KEY
 from grant_broker_protocol.v1 import broker_pb2, broker_pb2_grpc, common_pb2, gntdev_pb2, gntdev_pb2_grpc
 from grant_broker_protocol.v1.fdchannel_pb2 import ClientHello, FdFrame, FdTransfer
@@ -180,7 +180,7 @@ async def test_descriptors_sent_with_the_hello_are_never_installed(
 async def test_a_peer_the_policy_refuses_never_gets_a_descriptor_in(
     open_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from grant_broker.service.server import ServerConfig
+    from grant_broker.daemon.server import ServerConfig
 
     config = ServerConfig(
         socket_path=str(open_dir / "broker.sock"), backend="emulated", grace_seconds=0, socket_mode=0o666,
@@ -221,17 +221,13 @@ async def test_a_token_dies_with_its_fd_channel_at_once(in_process: tuple[str, B
     assert reply is not None
     token = reply.server_hello.token
 
-    class Context:
-        def invocation_metadata(self):  # type: ignore[no-untyped-def]
-            return ((SESSION_METADATA_KEY, token),)
-
-    assert registry.session_for(Context()).token == token  # type: ignore[arg-type]
+    assert registry.lookup(token).token == token
     channel.close()
     # No await in between: the broker's reader has not seen the hang-up yet,
     # and still the token is refused.
     assert not registry.sessions[0].closed.is_set()
     with pytest.raises(BrokerError) as raised:
-        registry.session_for(Context())  # type: ignore[arg-type]
+        registry.lookup(token)
     assert raised.value.errno == errno.EPERM
 
 

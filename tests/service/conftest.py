@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from grant_broker.service.server import BrokerServer, ServerConfig
-from grant_broker.service.session import Limits
+from grant_broker.daemon.server import BrokerServer, ServerConfig
+from grant_broker.core.policy import Limits
 
 
 @dataclass

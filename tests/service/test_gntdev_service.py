@@ -20,8 +20,8 @@ import pytest
 import grant_broker_client
 from grant_broker.backend.contract import PAGE_SIZE
 from grant_broker_protocol.fds import OwnedFd, open_fd_count
-from grant_broker.service.server import BrokerServer, ServerConfig
-from grant_broker.service.session import Limits
+from grant_broker.daemon.server import BrokerServer, ServerConfig
+from grant_broker.core.policy import Limits
 from grant_broker.uapi.grant_table import GNTST_bad_domain, GNTST_general_error, GNTST_okay
 from grant_broker_client import BrokerClientError, Session
 from grant_broker_client.gntdev import (
@@ -110,11 +110,14 @@ async def test_map_is_one_call_and_a_refused_one_leaves_nothing_reserved(
 async def test_map_falls_back_to_two_calls_on_a_broker_without_map(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from grant_broker.service.gntdev import GntdevService
-    from grant_broker_protocol.v1 import gntdev_pb2_grpc
+    from grant_broker.core import routes
+    from grant_broker.daemon import server
 
     # A broker from before the Map call answers it UNIMPLEMENTED.
-    monkeypatch.setattr(GntdevService, "Map", gntdev_pb2_grpc.GntdevServicer.Map)
+    def routes_without_map(*args: object, **kwargs: object) -> tuple[routes.Route, ...]:
+        return tuple(route for route in routes.build_routes(*args, **kwargs) if route.method != "Map")  # type: ignore[arg-type]
+
+    monkeypatch.setattr(server, "build_routes", routes_without_map)
     config = ServerConfig(socket_path=str(short_tmp / "old.sock"), backend="emulated", grace_seconds=0)
     async with BrokerServer(config):
         async with await grant_broker_client.connect(config.socket_path, domid=SHARER) as sharer, \

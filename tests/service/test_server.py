@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import grant_broker_client
 from grant_broker_protocol.errors import BrokerError
 from grant_broker_protocol.fds import open_fd_count
-from grant_broker.service.server import BrokerServer, ServerConfig
+from grant_broker.daemon.server import BrokerServer, ServerConfig
 from grant_broker_protocol.v1 import broker_pb2, broker_pb2_grpc
 from grant_broker_protocol.v1.fdchannel_pb2 import ClientHello, FdFrame
 from grant_broker_client import BrokerClientError

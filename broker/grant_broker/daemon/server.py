@@ -1,0 +1,253 @@
+"""One broker: its sockets, the gRPC server and the fd channel listener, wired to the core.
+
+``BrokerServer`` makes the core (the session registry, the route table) and
+the transports (gRPC handlers built from the routes, the fd channel server)
+and binds them to the two Unix sockets.  It refuses to start over a live
+broker's socket, removes a stale one, and on shutdown turns health to
+NOT_SERVING, ends event streams, lets in-flight calls finish within the grace
+period, releases every session and removes its sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+
+from grant_broker.backend.contract import Capabilities
+from grant_broker.core.operations.broker import BrokerStatus
+from grant_broker.core.operations.evtchn import end_subscriptions
+from grant_broker.core.policy import Limits, Policy
+from grant_broker.core.registry import SessionRegistry
+from grant_broker.core.routes import SERVICES, build_routes
+from grant_broker.daemon.backends import BackendChoice, choose_backend
+from grant_broker.transport.fdchannel import FdChannelServer
+from grant_broker.transport.grpc.handlers import generic_handlers
+from grant_broker_protocol.endpoints import fd_channel_path
+from grant_broker_protocol.errors import BrokerError
+from grant_broker_protocol.fdchannel import FdChannel
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUED_CALLS = 65536
+"""Calls the server accepts before the event loop has picked them up.
+
+grpc core keeps calls that arrived but that the application has not asked
+for yet (grpc.aio asks for one at a time) in a backlog, and sheds it by
+"random early detection" between ``grpc.server.max_pending_requests``
+(default 1000) and ``..._hard_limit`` (default 3000): a burst of a few
+thousand calls on one connection — 3000 unary calls in flight from one
+grpc.aio channel — saw part of them end CANCELLED (about 1 in 6 at 3000,
+1 in 3 at 5000, measured).  Lowering ``grpc.max_concurrent_streams`` instead
+does not help: the client opens streams beyond it anyway and the server
+refuses them (RST_STREAM REFUSED_STREAM, UNAVAILABLE).  So the backlog is
+made deterministic and large; the SDK additionally bounds the calls one
+session has in flight (``connect(max_in_flight=...)``).  See
+tests/reliability/test_load.py.
+"""
+
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_concurrent_streams", 100_000),
+    ("grpc.server.max_pending_requests", MAX_QUEUED_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", MAX_QUEUED_CALLS),
+]
+
+
+@dataclass
+class ServerConfig:
+    socket_path: str
+    backend: str = "auto"
+    socket_mode: int = 0o660
+    grace_seconds: float = 5.0
+    policy: Policy = field(default_factory=Policy)
+    limits: Limits = field(default_factory=Limits)
+    # Status shows every session; by default anyone who can open the socket may ask.
+    status_requires_admin: bool = False
+
+
+def _prepare_socket_path(path: str) -> None:
+    """Refuse a live broker's socket; remove a stale one; create the directory."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    for candidate, kind in ((path, socket.SOCK_STREAM), (fd_channel_path(path), socket.SOCK_SEQPACKET)):
+        try:
+            mode = os.lstat(candidate).st_mode
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISSOCK(mode):
+            raise BrokerError(errno.EEXIST, "listen", f"{candidate} exists and is not a socket; not touching it")
+        probe = socket.socket(socket.AF_UNIX, kind)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(candidate)
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("removing stale socket %s", candidate)
+            os.unlink(candidate)
+        except OSError as exc:
+            raise BrokerError(exc.errno or errno.EIO, "listen", f"cannot probe {candidate}: {exc.strerror}") from None
+        else:
+            raise BrokerError(errno.EADDRINUSE, "listen", f"another broker is serving on {candidate}")
+        finally:
+            probe.close()
+
+
+class BrokerServer:
+    """One broker: start(), then wait_closed(); stop() from anywhere in the loop."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._backend: BackendChoice | None = None
+        self._server: grpc.aio.Server | None = None
+        self._fd_listener: socket.socket | None = None
+        self._fd_channels: FdChannelServer | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._health = health.aio.HealthServicer()
+        self.registry: SessionRegistry | None = None
+        self._ending = False
+        self._stopped = asyncio.Event()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        assert self._backend is not None
+        return self._backend.capabilities
+
+    async def start(self) -> None:
+        config = self.config
+        _prepare_socket_path(config.socket_path)
+        self._backend = choose_backend(config.backend)
+        self.registry = SessionRegistry(self._backend.provider, config.policy, config.limits)
+        self._fd_channels = FdChannelServer(self.registry)
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        self._add_services(server)
+        try:
+            server.add_insecure_port(f"unix:{config.socket_path}")
+            await server.start()
+            self._server = server
+            os.chmod(config.socket_path, config.socket_mode)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            self._fd_listener = listener
+            listener.bind(fd_channel_path(config.socket_path))
+            os.chmod(fd_channel_path(config.socket_path), config.socket_mode)
+            # Room for every session to reconnect at once (after a restart); the kernel caps it at somaxconn.
+            listener.listen(max(256, config.limits.max_sessions))
+            listener.setblocking(False)
+        except BaseException:
+            await self._shutdown(grace=0)
+            raise
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_fd_channels())
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        for name in self._service_names():
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    @staticmethod
+    def _service_names() -> list[str]:
+        return [service.full_name for service in SERVICES.values()]
+
+    def _add_services(self, server: grpc.aio.Server) -> None:
+        registry = self.registry
+        assert registry is not None and self._backend is not None
+        status = BrokerStatus(registry, self._backend.capabilities, requires_admin=self.config.status_requires_admin)
+        routes = build_routes(status, streams_ended=lambda: self._ending)
+        server.add_generic_rpc_handlers(generic_handlers(registry, routes))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer([*self._service_names(), health.SERVICE_NAME, reflection.SERVICE_NAME]),
+            server,
+        )
+
+    async def _accept_fd_channels(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._fd_listener is not None and self._fd_channels is not None
+        # A descriptor kept in reserve: when the broker is out of them, it is
+        # given up for a moment to accept the waiting client and tell it so
+        # (instead of leaving it in the backlog with no answer).
+        spare: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while True:
+                try:
+                    conn, _ = await loop.sock_accept(self._fd_listener)
+                except OSError as exc:
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                        raise
+                    log.error("cannot accept an fd channel: %s", exc.strerror)
+                    if spare is not None:
+                        os.close(spare)
+                        spare = None
+                        self._refuse_waiting_client(exc.errno)
+                        with contextlib.suppress(OSError):
+                            spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                    # Back off instead of spinning while descriptors are short.
+                    await asyncio.sleep(0.1)
+                    continue
+                self._fd_channels.accept(FdChannel(conn))
+        finally:
+            if spare is not None:
+                os.close(spare)
+
+    def _refuse_waiting_client(self, code: int) -> None:
+        """Accept one waiting fd channel with the spare descriptor and refuse it
+        with *code* (EMFILE/ENFILE): the client gets a precise error now."""
+        assert self._fd_listener is not None
+        try:
+            conn, _ = self._fd_listener.accept()
+        except OSError:
+            return
+        channel = FdChannel(conn)
+        channel.send_error_nowait(
+            "the broker is out of file descriptors and cannot open a session now; try again later", code
+        )
+        channel.close()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING, drain calls within *grace*, release sessions."""
+        await self._shutdown(self.config.grace_seconds if grace is None else grace)
+
+    async def _shutdown(self, grace: float) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        with contextlib.suppress(Exception):
+            await self._health.enter_graceful_shutdown()
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+        if self._fd_listener is not None:
+            self._fd_listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(fd_channel_path(self.config.socket_path))
+        if self.registry is not None:
+            # Event streams never end by themselves: end them now (and refuse
+            # new ones) so that they do not hold the grace period up to its last second.
+            self._ending = True
+            end_subscriptions(self.registry)
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._fd_channels is not None:
+            await self._fd_channels.close()
+        if self.registry is not None:
+            self.registry.close()
+        if self._backend is not None:
+            self._backend.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.config.socket_path)
+
+    async def wait_closed(self) -> None:
+        await self._stopped.wait()
+
+    async def __aenter__(self) -> "BrokerServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop(grace=0)

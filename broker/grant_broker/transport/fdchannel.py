@@ -1,0 +1,152 @@
+"""The fd channel server: the hello that opens a session, and the descriptors clients send.
+
+Each connected channel is served in a task of its own: the hello (within
+``Limits.hello_timeout_seconds``, with no descriptors accepted before the
+peer is authenticated by ``SO_PEERCRED``), then transfer frames, whose
+descriptors go to the session's transfer table until a call takes them.  The
+channel's end — whatever the reason — releases the session.  A client that
+breaks the protocol is told why in a ``ProtocolError`` frame before the
+channel is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Callable
+
+from grant_broker.core.registry import SessionRegistry
+from grant_broker.core.session import Session
+from grant_broker_protocol.errors import BrokerError
+from grant_broker_protocol.fdchannel import (
+    MAX_FDS_PER_FRAME,
+    PROTOCOL_VERSION,
+    ChannelClosed,
+    DescriptorsDropped,
+    FdChannel,
+    ProtocolError,
+)
+from grant_broker_protocol.transfers import TransferRefused
+from grant_broker_protocol.v1.fdchannel_pb2 import FdFrame, ServerHello
+
+log = logging.getLogger(__name__)
+
+
+class FdChannelServer:
+    """Serves the fd channels of one broker's sessions."""
+
+    def __init__(self, registry: SessionRegistry) -> None:
+        self.registry = registry
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def accept(self, channel: FdChannel) -> None:
+        """Serve a newly connected fd channel in its own task."""
+        task = asyncio.get_running_loop().create_task(self._serve(channel))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, channel: FdChannel) -> None:
+        session: Session | None = None
+        try:
+            session = await self._handshake(channel)
+            await self._receive_transfers(session)
+        except ChannelClosed:
+            pass
+        except ProtocolError as exc:
+            log.warning("fd channel protocol error (session %s): %s", session.id if session else "-", exc)
+            channel.send_error_nowait(str(exc), exc.errno)
+        except OSError as exc:
+            log.warning("fd channel failed: %s", exc)
+        except Exception:  # noqa: BLE001 - a bug; it ends this channel only, and is logged
+            log.exception("fd channel of session %s failed unexpectedly", session.id if session else "-")
+        finally:
+            if session is not None:
+                self.registry.close_session(session)
+            else:
+                channel.close()
+
+    async def _handshake(self, channel: FdChannel) -> Session:
+        creds = channel.peer_credentials()
+        try:
+            async with asyncio.timeout(self.registry.limits.hello_timeout_seconds):
+                # No control buffer: descriptors of an unauthenticated peer are
+                # dropped by the kernel, never installed in the broker (where
+                # closing one could block, or count against its fd limit).
+                frame, fds = await channel.receive(accept_fds=False)
+        except TimeoutError:
+            raise ProtocolError("no hello within the time limit") from None
+        except ProtocolError as exc:
+            raise ProtocolError(f"refused before the session was authenticated: {exc}") from None
+        if fds:
+            for fd in fds:
+                fd.close()
+            raise ProtocolError("descriptors sent before the session was authenticated")
+        if frame.WhichOneof("body") != "client_hello":
+            raise ProtocolError("the first frame must be a ClientHello")
+        hello = frame.client_hello
+        if hello.protocol_version != PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {hello.protocol_version} unsupported (broker speaks {PROTOCOL_VERSION})")
+        try:
+            session = self.registry.open(
+                channel,
+                creds,
+                hello.client_name,
+                hello.domid if hello.HasField("domid") else None,
+                hello.vmid if hello.HasField("vmid") else None,
+            )
+        except BrokerError as exc:
+            raise ProtocolError(exc.detail or str(exc), errno=exc.errno) from None
+        try:
+            await channel.send(
+                FdFrame(
+                    server_hello=ServerHello(
+                        protocol_version=PROTOCOL_VERSION,
+                        session_id=session.id,
+                        token=session.token,
+                        domid=session.domid,
+                        vmid=session.vmid,
+                        max_fds_per_frame=MAX_FDS_PER_FRAME,
+                    )
+                )
+            )
+        except BaseException:
+            self.registry.close_session(session)
+            raise
+        return session
+
+    async def _receive_transfers(self, session: Session) -> None:
+        channel = session.channel
+        while True:
+            try:
+                frame, fds = await channel.receive()
+            except DescriptorsDropped as exc:
+                log.warning("session %d: %s: the broker is out of descriptors", session.id, exc)
+                error = BrokerError(
+                    errno.EMFILE,
+                    "fd transfer",
+                    f"the broker could not receive the {exc.announced} descriptors of transfer "
+                    f"{exc.transfer_id}: it is out of descriptors; try again later",
+                )
+                # Not the client's fault: the call naming the transfer fails, the session goes on.
+                self._refuse_on_error(lambda: session.incoming.fail(exc.transfer_id, error))
+                continue
+            if frame.WhichOneof("body") != "transfer":
+                for fd in fds:
+                    fd.close()
+                raise ProtocolError(f"unexpected {frame.WhichOneof('body')} frame after the hello")
+            transfer_id = frame.transfer.transfer_id
+            self._refuse_on_error(lambda: session.incoming.deliver(transfer_id, fds))
+
+    @staticmethod
+    def _refuse_on_error(record: Callable[[], None]) -> None:
+        try:
+            record()
+        except TransferRefused as exc:
+            raise ProtocolError(str(exc)) from None
+
+    async def close(self) -> None:
+        """Stop serving every channel (broker shutdown); the registry releases the sessions."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
