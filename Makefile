@@ -10,7 +10,7 @@ BENCH_ARGS ?=
 
 .PHONY: run test bench xen-test clean
 
-$(STAMP): pyproject.toml setup.py $(shell find proto -name '*.proto')
+$(STAMP): pyproject.toml setup.py client/grant_broker_protocol_build.py $(shell find proto -name '*.proto')
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
@@ -36,4 +36,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build client/grant_broker_protocol/v1/*_pb2*.py*
+	rm -rf $(VENV) build dist client/build client/dist client/grant_broker_protocol/v1/*_pb2*.py*

@@ -8,7 +8,8 @@
 """
 
 from grant_broker_client.errors import BrokerClientError
-from grant_broker_client.session import Session, connect, default_socket_path
+from grant_broker_client.session import Session, connect
+from grant_broker_protocol.endpoints import default_socket_path
 from grant_broker_client.reconnect import ReconnectingSession, Retry
 
 __all__ = ["BrokerClientError", "ReconnectingSession", "Retry", "Session", "connect", "default_socket_path"]

@@ -560,7 +560,7 @@ class GntdevClient:
     async def map_grant_refs(self, refs: Sequence[GrantRefLike]) -> int:
         """``IOCTL_GNTDEV_MAP_GRANT_REF``: reserve a mapping; return its index."""
         messages = [_grant_ref(ref) for ref in refs]
-        response = await self._session.call(
+        response: gntdev_pb2.MapGrantRefResponse = await self._session.call(
             self._stub.MapGrantRef, gntdev_pb2.MapGrantRefRequest(count=len(messages), refs=messages)
         )
         return response.index

@@ -16,7 +16,7 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 
 def libc_mmap(address: int, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
     """``mmap(2)``; raises OSError with the errno on failure."""
-    result = _libc.mmap(address, length, prot, flags, fd, offset)
+    result: int | None = _libc.mmap(address, length, prot, flags, fd, offset)  # restype c_void_p: NULL is None
     if result == _MAP_FAILED or result is None:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))

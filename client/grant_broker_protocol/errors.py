@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from collections.abc import Callable
 
 
 def errno_name(code: int) -> str:
@@ -28,6 +29,8 @@ class BrokerError(OSError):
         gntst: the Xen ``GNTST_*`` status (negative int) when the hypervisor
             gave one, else ``None``.
     """
+
+    errno: int  # always set: the constructor takes it (OSError's may be None)
 
     def __init__(self, code: int, operation: str, detail: str = "", *, gntst: int | None = None) -> None:
         super().__init__(code, os.strerror(code))
@@ -57,7 +60,7 @@ class BrokerError(OSError):
             text += f" [{self.gntst_name}: {gntst_message(self.gntst)}]"
         return text
 
-    def __reduce__(self):  # picklable across multiprocessing
+    def __reduce__(self) -> tuple[Callable[..., BrokerError], tuple[object, ...]]:  # picklable across multiprocessing
         return (_rebuild, (self.errno, self.operation, self.detail, self.gntst))
 
     @classmethod

@@ -11,6 +11,7 @@ still exported — then lays each span over its part of the region with
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 from collections.abc import Sequence
 from types import TracebackType
@@ -44,7 +45,7 @@ class SharedMemory:
 
     def __init__(self, spans: Sequence[Span], *, writable: bool) -> None:
         if not spans:
-            raise BrokerError(22, "map shared memory", "no spans to map")
+            raise BrokerError(errno.EINVAL, "map shared memory", "no spans to map")
         self.writable = writable
         self.length = sum(span.length for span in spans)
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)

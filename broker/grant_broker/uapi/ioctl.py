@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias, cast
 
 __all__ = [
     "_IOC_NRBITS", "_IOC_TYPEBITS", "_IOC_SIZEBITS", "_IOC_DIRBITS",
@@ -151,10 +151,15 @@ def flexible(base: type[ctypes.Structure], count: int) -> type[ctypes.Structure]
 # realistic working set and each is only a small class.
 @functools.lru_cache(maxsize=512)
 def _flexible(base: type[ctypes.Structure], n: int) -> type[ctypes.Structure]:
-    *head, (last_name, last_type) = base._fields_
-    if not (isinstance(last_type, type) and issubclass(last_type, ctypes.Array) and last_type._length_ == 1):
+    *head, last = base._fields_
+    last_name, last_type = last[0], last[1]  # a third item (bit width) never goes with an array
+    # typeshed declares Array's _length_ and _type_ as instance properties; on
+    # an array type, where ctypes keeps them, they are the length and the element type.
+    if not (isinstance(last_type, type) and issubclass(last_type, ctypes.Array)
+            and cast(int, last_type._length_) == 1):
         raise TypeError(f"{base.__name__} does not end in a one-element array")
-    fields = [*head, (last_name, last_type._type_ * n)]
+    element = cast("type[ctypes._CDataType]", last_type._type_)
+    fields = [*head, (last_name, element * n)]
     return type(f"{base.__name__}_{n}", (ctypes.Structure,), {
         "_fields_": fields,
         "__module__": base.__module__,

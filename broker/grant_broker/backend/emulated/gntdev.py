@@ -393,16 +393,16 @@ class EmulatedGntdev(LinkedInstance, GntdevInstance):
         if src_entry is not None:
             if dst_entry is None:
                 assert dst_view is not None and isinstance(dest, CopyLocal)
-                src_entry.backing.read_into(  # type: ignore[union-attr]
-                    src_entry.offset + source.offset, dst_view[dest.offset : dest.offset + length]  # type: ignore[union-attr]
+                src_entry.backing.read_into(
+                    src_entry.offset + source.offset, dst_view[dest.offset : dest.offset + length]
                 )
                 return GNTST_okay
-            data: bytes | memoryview = src_entry.backing.read(src_entry.offset + source.offset, length)  # type: ignore[union-attr]
+            data: bytes | memoryview = src_entry.backing.read(src_entry.offset + source.offset, length)
         else:
             assert src_view is not None and isinstance(source, CopyLocal)
             data = src_view[source.offset : source.offset + length]
         if dst_entry is not None:
-            dst_entry.backing.write(dst_entry.offset + dest.offset, data)  # type: ignore[union-attr]
+            dst_entry.backing.write(dst_entry.offset + dest.offset, data)
         else:
             assert dst_view is not None and isinstance(dest, CopyLocal)
             dst_view[dest.offset : dest.offset + length] = data

@@ -214,7 +214,8 @@ def export_byte_locked(probe_fd: int, byte: int) -> bool:
     answer = fcntl.fcntl(
         probe_fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _EXPORT_LOCK_BASE + byte, 1, 0)
     )
-    return _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
+    lock_type: int = _FLOCK.unpack(answer)[0]
+    return lock_type != fcntl.F_UNLCK
 
 
 # --------------------------------------------------------------------------- grant table

@@ -28,7 +28,7 @@ import itertools
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from grant_broker.backend.contract import (
     Backend,
@@ -48,6 +48,8 @@ from .gntdev import EmulatedGntdev
 from .grants import GrantSystem
 from .instance import InstanceLink, check_all
 from .membuf import EmulatedMemBufDevice, MemparcelRegistry
+
+_Instance = TypeVar("_Instance")
 
 # Linux gntalloc's module parameter ``limit`` (pages per domain).
 DEFAULT_GNTALLOC_LIMIT = 1024
@@ -300,7 +302,7 @@ class EmulatedBackend(Backend):
     def closed(self) -> bool:
         return self._closed
 
-    def _open(self, what: str, factory: Callable[[], Any]) -> Any:
+    def _open(self, what: str, factory: Callable[[], _Instance]) -> _Instance:
         with self.hypervisor.lock:
             if self._closed:
                 raise BrokerError(errno.EBADF, f"open {what}", f"the backend of domain {self.domid} is closed")

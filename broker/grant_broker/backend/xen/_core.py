@@ -16,6 +16,7 @@ struct is built, with the errno the contract gives for them.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -40,7 +41,7 @@ def open_device(path: str, flags: int, operation: str) -> OwnedFd:
         raise BrokerError.from_oserror(exc, operation, f"cannot open {path}") from None
 
 
-def ioctl(fd: int, request: int, arg: object, operation: str, detail: str = "") -> int:
+def ioctl(fd: int, request: int, arg: ctypes.Structure | int, operation: str, detail: str = "") -> int:
     """``ioctl(fd, request, arg)`` and its return value.
 
     *arg* is a mutable buffer (a ctypes struct): the kernel reads it and
@@ -49,7 +50,10 @@ def ioctl(fd: int, request: int, arg: object, operation: str, detail: str = "") 
     passed as the ioctl's integer argument.
     """
     try:
-        return fcntl.ioctl(fd, request, arg)  # type: ignore[call-overload]
+        # A mutable buffer gives the ioctl's int return value (mutate_flag is
+        # True); typeshed cannot tell it from a read-only one and says Any.
+        result: int = fcntl.ioctl(fd, request, arg)
+        return result
     except OSError as exc:
         raise BrokerError(exc.errno or errno.EIO, operation, detail) from None
 

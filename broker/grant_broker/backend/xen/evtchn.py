@@ -22,6 +22,7 @@ needs neither xenstore nor a toolstack.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import struct
@@ -66,7 +67,7 @@ class XenEvtchn(EvtchnHandle):
     def _live(self, operation: str) -> int:
         return live(self._fd, f"evtchn {operation}", "event channel handle")
 
-    def _call(self, operation: str, request: int, arg: object, detail: str) -> int:
+    def _call(self, operation: str, request: int, arg: ctypes.Structure | int, detail: str) -> int:
         return ioctl(self._live(operation), request, arg, f"evtchn {operation}", detail)
 
     # ------------------------------------------------------------------ binding

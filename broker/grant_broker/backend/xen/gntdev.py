@@ -91,6 +91,7 @@ from grant_broker.uapi.grant_table import (
     GNTST_okay,
     gntst_name,
 )
+from grant_broker.uapi.ioctl import flexible
 
 from ._core import DOMID_FIRST_RESERVED, U16_MAX, U32_MAX, U64_MAX, check, fits, ioctl, live, open_device, suppressing
 
@@ -452,7 +453,7 @@ class XenGntdev(GntdevInstance):
             refs = tuple(refs)
             check(fits(domid, U32_MAX) and fits(flags, U32_MAX) and all(fits(r, U32_MAX) for r in refs),
                   errno.EINVAL, operation, f"domain {domid}, flags {flags:#x} or a ref is out of range")
-            arg = uapi.flexible(uapi.ioctl_gntdev_dmabuf_exp_from_refs, len(refs))()
+            arg = flexible(uapi.ioctl_gntdev_dmabuf_exp_from_refs, len(refs))()
             arg.flags, arg.count, arg.domid = flags, len(refs), domid
             for i, ref in enumerate(refs):
                 arg.refs[i] = ref
@@ -473,7 +474,7 @@ class XenGntdev(GntdevInstance):
             instance = self._live(operation)
             check(fits(fd, U32_MAX) and fits(domid, U32_MAX) and 0 < count <= U32_MAX,
                   errno.EINVAL, operation, f"fd {fd}, domain {domid}, count {count}")
-            arg = uapi.flexible(uapi.ioctl_gntdev_dmabuf_imp_to_refs, count)()
+            arg = flexible(uapi.ioctl_gntdev_dmabuf_imp_to_refs, count)()
             arg.fd, arg.count, arg.domid = fd, count, domid
             ioctl(instance, uapi.IOCTL_GNTDEV_DMABUF_IMP_TO_REFS, arg, operation, f"fd {fd}: {count} pages to domain {domid}")
             return tuple(arg.refs[:count])
