@@ -17,12 +17,14 @@ import pytest
 
 from grant_broker.backend.contract import EvtchnHandle
 from grant_broker_protocol.errors import BrokerError
-from grant_broker.service.events import (
+from grant_broker.core.events import (
     DEFAULT_QUEUE_SIZE,
     EventFanout,
+    EventHub,
     FanoutClosed,
     Fired,
     Lost,
+    PortUnbound,
     Subscription,
 )
 
@@ -97,8 +99,13 @@ def channel(handles: tuple[EvtchnHandle, EvtchnHandle]) -> Channel:
 
 
 @pytest.fixture
-async def fanout(handles: tuple[EvtchnHandle, EvtchnHandle]) -> AsyncIterator[EventFanout]:
-    fan = EventFanout(handles[0], name="test")
+def hub() -> EventHub:
+    return EventHub()
+
+
+@pytest.fixture
+async def fanout(handles: tuple[EvtchnHandle, EvtchnHandle], hub: EventHub) -> AsyncIterator[EventFanout]:
+    fan = EventFanout(handles[0], hub, name="test")
     try:
         yield fan
     finally:
@@ -287,6 +294,126 @@ async def test_forget_port_drops_pending(channel: Channel, fanout: EventFanout) 
     assert fanout.pending_ports == ()
 
 
+# --------------------------------------------------------------------------- unbind
+
+
+def _unbind(channel: Channel, fanout: EventFanout) -> None:
+    """What the Evtchn service does on Unbind: the device first, then the fan-out."""
+    channel.local.unbind(channel.port)
+    fanout.forget_port(channel.port)
+
+
+async def test_subscription_to_an_unbound_port_ends_with_port_unbound(channel: Channel, fanout: EventFanout) -> None:
+    subscription = fanout.subscribe(ports=[channel.port])
+    waiter = asyncio.create_task(anext(subscription))
+    await settle()
+    _unbind(channel, fanout)
+    with pytest.raises(PortUnbound) as raised:
+        await asyncio.wait_for(waiter, TIMEOUT)
+    assert raised.value.port == channel.port
+    assert subscription.closed and fanout.subscriber_count == 0
+    with pytest.raises(PortUnbound):  # ended for good, for the same reason
+        await next_event(subscription)
+
+
+async def test_subscription_to_an_unbound_port_never_hears_a_new_channel_on_its_number(
+    handles: tuple[EvtchnHandle, EvtchnHandle], channel: Channel, fanout: EventFanout
+) -> None:
+    subscription = fanout.subscribe(ports=[channel.port])
+    _unbind(channel, fanout)
+    again = _connect(*handles)  # fires once, as every new interdomain port does
+    assert again.port == channel.port  # Xen hands out the lowest free port
+    with pytest.raises(PortUnbound):
+        await next_event(subscription)
+
+
+async def test_subscription_to_all_ports_survives_an_unbind(
+    handles: tuple[EvtchnHandle, EvtchnHandle], channel: Channel, fanout: EventFanout
+) -> None:
+    other = _connect(*handles)
+    with fanout.subscribe() as everything:
+        assert await next_event(everything) == Fired(other.port)  # its bind's own event
+        _unbind(channel, fanout)
+        other.fire()
+        assert await next_event(everything) == Fired(other.port)
+        again = _connect(*handles)  # a new channel on the old number is a port like any other
+        assert await next_event(everything) == Fired(again.port)
+        assert not everything.closed
+
+
+async def test_queued_event_of_an_unbound_port_is_dropped(
+    handles: tuple[EvtchnHandle, EvtchnHandle], channel: Channel, fanout: EventFanout
+) -> None:
+    other = _connect(*handles)
+    with fanout.subscribe() as everything:
+        await settle()  # other's bind event is queued
+        channel.fire()
+        await settle()  # and then channel's
+        _unbind(channel, fanout)
+        assert await next_event(everything) == Fired(other.port)
+        await settle()
+        assert everything.get_nowait() is None
+
+
+async def test_subscription_ended_by_unbind_first_delivers_what_it_queued_of_its_other_ports(
+    handles: tuple[EvtchnHandle, EvtchnHandle], channel: Channel, fanout: EventFanout
+) -> None:
+    other = _connect(*handles)
+    with fanout.subscribe(ports=[channel.port, other.port]) as both:
+        await settle()  # other's bind event is queued
+        channel.fire()
+        await settle()
+        _unbind(channel, fanout)
+        assert await next_event(both) == Fired(other.port)
+        with pytest.raises(PortUnbound):
+            await next_event(both)
+
+
+async def test_unbind_drops_an_event_still_in_the_handles_queue(
+    handles: tuple[EvtchnHandle, EvtchnHandle], fanout: EventFanout
+) -> None:
+    chan = _connect(*handles)  # its bind event is in the device's queue; the reader has not run yet
+    _unbind(chan, fanout)
+    again = _connect(*handles)
+    assert again.port == chan.port
+    with fanout.subscribe() as subscription:
+        assert await next_event(subscription) == Fired(again.port)  # the new channel's own event, once
+        await settle()
+        assert subscription.get_nowait() is None
+
+
+async def test_loss_reported_with_a_dropped_event_moves_to_the_next_event(
+    handles: tuple[EvtchnHandle, EvtchnHandle], channel: Channel, fanout: EventFanout
+) -> None:
+    other = _connect(*handles)
+    _drain_initial(handles[0], other.port)
+    with fanout.subscribe(queue_size=1) as slow:
+        other.fire()
+        await settle()  # queued
+        other.fire()
+        await settle()  # the queue is full: lost
+        assert await next_event(slow) == Fired(other.port)
+        channel.fire()
+        await settle()  # queued, carrying the loss
+        _unbind(channel, fanout)
+        other.fire()
+        assert await next_event(slow) == Lost(1)
+        assert await next_event(slow) == Fired(other.port)
+
+
+# --------------------------------------------------------------------------- the hub
+
+
+async def test_deliveries_are_counted_per_hub(channel: Channel, fanout: EventFanout, hub: EventHub) -> None:
+    elsewhere = EventHub()
+    with fanout.subscribe() as subscription:
+        before = hub.deliveries
+        channel.fire()
+        assert await next_event(subscription) == Fired(channel.port)
+        assert hub.deliveries == before + 1
+    assert elsewhere.deliveries == 0
+
+
 # --------------------------------------------------------------------------- life
 
 
@@ -294,7 +421,8 @@ async def test_close_ends_subscriptions_cleanly_and_removes_the_reader(
     channel: Channel, handles: tuple[EvtchnHandle, EvtchnHandle]
 ) -> None:
     local = handles[0]
-    fan = EventFanout(local)
+    hub = EventHub()
+    fan = EventFanout(local, hub)
     assert _reader_registered(local.fileno())
     subscriptions = [fan.subscribe(queue_size=1) for _ in range(3)]
     channel.fire()
@@ -315,7 +443,7 @@ async def test_close_ends_subscriptions_cleanly_and_removes_the_reader(
         fan.subscribe()
     fan.close()  # idempotent
     # The handle is free for a new reader.
-    EventFanout(local).close()
+    EventFanout(local, hub).close()
 
 
 async def test_close_wakes_a_subscriber_waiting_on_an_empty_queue(fanout: EventFanout) -> None:
@@ -329,7 +457,7 @@ async def test_close_wakes_a_subscriber_waiting_on_an_empty_queue(fanout: EventF
 
 async def test_one_reader_per_handle(handles: tuple[EvtchnHandle, EvtchnHandle], fanout: EventFanout) -> None:
     with pytest.raises(RuntimeError, match="already has a reader"):
-        EventFanout(handles[0])
+        EventFanout(handles[0], fanout.hub)
 
 
 async def test_subscription_context_managers_unregister(fanout: EventFanout) -> None:
@@ -416,7 +544,7 @@ class FaultyHandle(EvtchnHandle):
 
 async def test_read_failure_ends_subscriptions_with_the_error(channel: Channel) -> None:
     faulty = FaultyHandle(channel.local)
-    fan = EventFanout(faulty)
+    fan = EventFanout(faulty, EventHub())
     try:
         subscription = fan.subscribe()
         faulty.fail_with = BrokerError(errno.EIO, "evtchn read", "device gone")
@@ -436,7 +564,7 @@ async def test_ring_overflow_reports_every_bound_port(handles: tuple[EvtchnHandl
     b = _connect(*handles)
     _drain_initial(handles[0], b.port)
     faulty = FaultyHandle(handles[0])
-    fan = EventFanout(faulty, bound_ports=lambda: [a.port, b.port])
+    fan = EventFanout(faulty, EventHub(), bound_ports=lambda: [a.port, b.port])
     try:
         faulty.fail_with = BrokerError(errno.EFBIG, "evtchn read", "the event ring overflowed")
         with fan.subscribe() as subscription:
@@ -472,7 +600,8 @@ def test_fanout_on_uvloop() -> None:
     async def scenario() -> None:
         with EmulatedEvtchnHandle(hypervisor, 1) as local, EmulatedEvtchnHandle(hypervisor, 2) as peer:
             chan = _connect(local, peer)
-            fan = EventFanout(local)
+            hub = EventHub()
+            fan = EventFanout(local, hub)
             try:
                 subscriptions = [fan.subscribe() for _ in range(100)]
                 slow = fan.subscribe(queue_size=1)
@@ -490,7 +619,7 @@ def test_fanout_on_uvloop() -> None:
             with pytest.raises(StopAsyncIteration):
                 await asyncio.wait_for(waiter, TIMEOUT)
             # A new reader can take the descriptor over: the old one is gone.
-            again = EventFanout(local)
+            again = EventFanout(local, hub)
             with again.subscribe() as subscription:
                 chan.fire()
                 assert await next_event(subscription) == Fired(chan.port)

@@ -13,6 +13,12 @@ soon as its event is queued for the subscription (``auto_unmask=True``); with
 handled.  A subscription that falls behind its queue (``queue_size``) loses
 events and is told how many by an :class:`EventsLost` before the next one.
 
+A subscription that names ports ends when one of them is unbound: it yields
+what the broker had already sent, then raises :class:`PortUnbound` (errno
+``ENOTCONN``).  It never hears a new channel that gets the same port number;
+subscribe again for that.  A subscription to all ports goes on.  Events of an
+unbound port that the broker had not sent yet are dropped.
+
 Example — domain 2 offers a port, domain 1 connects, and each side hears the
 other (on the emulated backend, where a session may choose its domain)::
 
@@ -40,14 +46,16 @@ Errors are :class:`~grant_broker_client.errors.BrokerClientError` carrying the
 broker's errno: ``ENOTCONN`` (FAILED_PRECONDITION) for a port this session did
 not bind, ``ESRCH`` (NOT_FOUND) for an unknown domain, ``EINVAL``
 (INVALID_ARGUMENT) for a port that cannot be bound, ``EDQUOT``
-(RESOURCE_EXHAUSTED) beyond the session's ports or subscriptions.
+(RESOURCE_EXHAUSTED) beyond the session's ports or subscriptions; and from a
+subscription's iterator, :class:`PortUnbound` (``ENOTCONN``) once a port it
+names is unbound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -60,7 +68,15 @@ from grant_broker_client.errors import BrokerClientError, from_rpc_error
 if TYPE_CHECKING:
     from grant_broker_client.session import Session
 
-__all__ = ["EventsLost", "EvtchnClient", "EvtchnEvent", "EvtchnSubscription", "PortFired", "Subscribing"]
+__all__ = [
+    "EventsLost",
+    "EvtchnClient",
+    "EvtchnEvent",
+    "EvtchnSubscription",
+    "PortFired",
+    "PortUnbound",
+    "Subscribing",
+]
 
 _U32_MAX = 0xFFFF_FFFF
 
@@ -80,6 +96,35 @@ class EventsLost:
 
 
 EvtchnEvent = PortFired | EventsLost
+
+
+class PortUnbound(BrokerClientError):
+    """A port the subscription names was unbound, so the subscription has ended.
+
+    Raised by :class:`EvtchnSubscription` once it has yielded what the broker
+    sent before the end; the broker's stream ended with ``ENOTCONN``
+    (FAILED_PRECONDITION) and says which port in :attr:`detail`.
+
+    Attributes:
+        ports: the ports the subscription named.
+    """
+
+    def __init__(
+        self, code_errno: int, operation: str, detail: str = "", *, code: grpc.StatusCode, ports: tuple[int, ...] = ()
+    ) -> None:
+        super().__init__(code_errno, operation, detail, code=code)
+        self.ports = ports
+
+    @classmethod
+    def from_client_error(cls, error: BrokerClientError, ports: tuple[int, ...]) -> "PortUnbound":
+        return cls(error.errno, error.operation, error.detail, code=error.code, ports=ports)
+
+    def __reduce__(self) -> tuple[Callable[..., PortUnbound], tuple[object, ...]]:
+        return (_rebuild_port_unbound, (self.errno, self.operation, self.detail, self.code.name, self.ports))
+
+
+def _rebuild_port_unbound(code_errno: int, operation: str, detail: str, code: str, ports: tuple[int, ...]) -> PortUnbound:
+    return PortUnbound(code_errno, operation, detail, code=grpc.StatusCode[code], ports=ports)
 
 
 def _u32(operation: str, what: str, value: int) -> int:
@@ -232,7 +277,7 @@ class Subscribing:
                 errno.EPROTO, "evtchn subscribe", f"expected the 'subscribed' marker first, got {got}",
                 code=grpc.StatusCode.INTERNAL,
             )
-        return EvtchnSubscription(self._session, call)
+        return EvtchnSubscription(self._session, call, tuple(self._request.ports))
 
     async def __aenter__(self) -> "EvtchnSubscription":
         self._subscription = await self._start()
@@ -249,13 +294,18 @@ class EvtchnSubscription:
     """A live subscription: an async iterator of :class:`PortFired` / :class:`EventsLost`.
 
     Iteration ends when the subscription or its session is closed, or when
-    the broker ends the session; it raises :class:`BrokerClientError` if the
-    stream fails.  Close it (or use ``async with``) to stop receiving.
+    the broker ends the session; it raises :class:`PortUnbound` when a port
+    it names is unbound, and :class:`BrokerClientError` if the stream fails.
+    Close it (or use ``async with``) to stop receiving.
+
+    Attributes:
+        ports: the ports it names (empty: every port of the session).
     """
 
-    def __init__(self, session: "Session", call: Any) -> None:
+    def __init__(self, session: "Session", call: Any, ports: tuple[int, ...] = ()) -> None:
         self._session = session
         self._call = call
+        self.ports = ports
         self._closed = False
         self._ended = False
         # The read in flight.  grpc.aio cancels the whole call when a read is
@@ -295,13 +345,16 @@ class EvtchnSubscription:
             self._ended = True
             if self._closed or self._session.closed:
                 raise StopAsyncIteration from None
-            raise from_rpc_error(exc) from None
+            raise self._stream_error(exc) from None
         self._reading = None
         if message is grpc.aio.EOF:
             self._ended = True
             code = await self._call.code()
             if code != grpc.StatusCode.OK and not (self._closed or self._session.closed):
-                raise BrokerClientError(errno.EIO, "evtchn subscribe", await self._call.details() or code.name, code=code)
+                failed = grpc.aio.AioRpcError(
+                    code, trailing_metadata=await self._call.trailing_metadata(), details=await self._call.details()
+                )
+                raise self._stream_error(failed)
             raise StopAsyncIteration
         kind = message.WhichOneof("kind")
         if kind == "port":
@@ -312,6 +365,14 @@ class EvtchnSubscription:
             errno.EPROTO, "evtchn subscribe", f"unexpected event {kind!r} on a live subscription",
             code=grpc.StatusCode.INTERNAL,
         )
+
+    def _stream_error(self, failed: grpc.aio.AioRpcError) -> BrokerClientError:
+        error = from_rpc_error(failed)
+        if error.errno == errno.ENOTCONN:
+            # The ports were checked when the stream started: ENOTCONN on a
+            # live stream means one of them has been unbound since.
+            return PortUnbound.from_client_error(error, self.ports)
+        return error
 
     async def close(self) -> None:
         """Stop receiving; the broker forgets the subscription.  Idempotent."""

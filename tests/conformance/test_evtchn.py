@@ -13,11 +13,12 @@ import asyncio
 import errno
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from grant_broker.backend.contract import EvtchnHandle
+from grant_broker.core.events import EventFanout, EventHub, FanoutEvent, Fired, Subscription
 from grant_broker_protocol.errors import BrokerError
 
 from .conftest import Domains
@@ -61,6 +62,16 @@ async def quiet(handle: EvtchnHandle) -> list[int]:
     """What fired on *handle* after a short grace period (expected: nothing)."""
     await asyncio.sleep(QUIET_PERIOD)
     return handle.read_pending()
+
+
+async def fired_count(handle: EvtchnHandle, count: int) -> list[int]:
+    """The ports that fire on *handle*, read until there are *count* of them."""
+    ports: list[int] = []
+    async with asyncio.timeout(DELIVERY_TIMEOUT):
+        while len(ports) < count:
+            await wait_readable(handle.fileno())
+            ports += handle.read_pending()
+    return ports
 
 
 class Channel:
@@ -327,6 +338,78 @@ async def test_reset_discards_fired_ports_but_keeps_them_masked(channel: Channel
     assert await quiet(channel.peer) == []
     channel.peer.unmask(channel.peer_port)
     assert await fired(channel.peer) == [channel.peer_port]
+
+
+async def test_unbind_leaves_an_already_fired_port_in_the_queue(channel: Channel, domains: Domains) -> None:
+    # Linux evtchn_unbind_from_user does not touch the ring: the bind's event
+    # is read after the unbind, and a new channel that gets the same number
+    # fires on top of it.  (Why the broker's reader must forget it: below.)
+    await wait_readable(channel.local.fileno())
+    channel.local.unbind(channel.local_port)
+    again = channel.local.bind_interdomain(domains.peer.domid, channel.peer_port)
+    assert await fired_count(channel.local, 2) == [channel.local_port, again]
+
+
+# --------------------------------------------------------------------------- the broker's reader on this device
+#
+# The broker reads each handle through one EventFanout (grant_broker.core.events)
+# and tells it of every unbind after the device's.  Since the device keeps
+# an unbound port's event queued (above), the fan-out drains the queue and
+# forgets the port: nothing of the old channel is handed out afterwards, in
+# particular not as an event of a new channel that reuses the number.
+
+
+async def next_fanout_event(subscription: Subscription) -> FanoutEvent:
+    return await asyncio.wait_for(anext(subscription), DELIVERY_TIMEOUT)
+
+
+async def quiet_subscription(subscription: Subscription) -> list[FanoutEvent]:
+    """What *subscription* received after a short grace period (expected: nothing)."""
+    await asyncio.sleep(QUIET_PERIOD)
+    events: list[FanoutEvent] = []
+    while (event := subscription.get_nowait()) is not None:
+        events.append(event)
+    return events
+
+
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    async with asyncio.timeout(DELIVERY_TIMEOUT):
+        while not predicate():
+            await asyncio.sleep(0.005)
+    assert predicate(), what
+
+
+async def test_broker_reader_drops_the_event_of_an_unbound_port_it_had_not_read(
+    channel: Channel, domains: Domains
+) -> None:
+    await wait_readable(channel.local.fileno())  # the bind's event is queued in the device
+    fanout = EventFanout(channel.local, EventHub())
+    try:
+        # Unbound before the reader ran: the event is still in the device's queue.
+        channel.local.unbind(channel.local_port)
+        fanout.forget_port(channel.local_port)
+        again = channel.local.bind_interdomain(domains.peer.domid, channel.peer_port)
+        with fanout.subscribe() as subscription:
+            assert await next_fanout_event(subscription) == Fired(again)  # the new channel's own event
+            assert await quiet_subscription(subscription) == []
+    finally:
+        fanout.close()
+
+
+async def test_broker_reader_drops_the_event_of_an_unbound_port_queued_for_a_subscriber(
+    channel: Channel, domains: Domains
+) -> None:
+    fanout = EventFanout(channel.local, EventHub())
+    try:
+        with fanout.subscribe() as subscription:
+            await until(lambda: fanout.events_read == 1, "the bind's event was read")  # queued, not taken
+            channel.local.unbind(channel.local_port)
+            fanout.forget_port(channel.local_port)
+            again = channel.local.bind_interdomain(domains.peer.domid, channel.peer_port)
+            assert await next_fanout_event(subscription) == Fired(again)
+            assert await quiet_subscription(subscription) == []
+    finally:
+        fanout.close()
 
 
 # --------------------------------------------------------------------------- restriction

@@ -16,11 +16,12 @@ import pytest
 
 import grant_broker_client
 from grant_broker_client import BrokerClientError
-from grant_broker.service.evtchn import FANOUT_KEY
-from grant_broker.service.events import EventFanout, MAX_QUEUE_SIZE
-from grant_broker.service.session import Limits, Session as BrokerSession
+from grant_broker.core.operations.evtchn import FANOUT_KEY
+from grant_broker.core.events import EventFanout, MAX_QUEUE_SIZE
+from grant_broker.core.policy import Limits
+from grant_broker.core.session import Session as BrokerSession
 from grant_broker_client import Session
-from grant_broker_client.evtchn import EventsLost, PortFired
+from grant_broker_client.evtchn import EventsLost, PortFired, PortUnbound
 
 from .conftest import InProcessBroker
 from .evtchn_helpers import Pair, connect_pair, expect_error, next_event, nothing_more, two_domains
@@ -193,14 +194,58 @@ async def test_streams_end_cleanly_when_the_broker_ends_the_session(broker: InPr
         assert fanout.closed
 
 
-async def test_end_streams_for_shutdown(broker: InProcessBroker) -> None:
-    from grant_broker.service.evtchn import EvtchnService
+async def test_subscription_ends_with_port_unbound_when_its_port_is_unbound(broker: InProcessBroker) -> None:
+    async with two_domains(broker.socket_path) as (one, two):
+        a, b = await connected_pairs(one, two, 2)
+        subscription = await one.evtchn.subscribe(ports=[a.client_port, b.client_port])
+        try:
+            waiter = asyncio.create_task(anext(subscription))
+            await asyncio.sleep(0.05)
+            await one.evtchn.unbind(a.client_port)
+            with pytest.raises(PortUnbound) as raised:
+                await asyncio.wait_for(waiter, 5)
+            error = raised.value
+            assert (error.code, error.errno) == (grpc.StatusCode.FAILED_PRECONDITION, errno.ENOTCONN)
+            assert f"port {a.client_port} was unbound" in error.detail
+            assert error.ports == (a.client_port, b.client_port)
+            with pytest.raises(StopAsyncIteration):  # ended
+                await anext(subscription)
+        finally:
+            await subscription.close()
+        await eventually(lambda: broker_side(broker, one).usage.subscriptions == 0, "the broker dropped the subscription")
+
+
+async def test_subscription_to_an_unbound_port_never_hears_a_new_channel_on_its_number(broker: InProcessBroker) -> None:
+    async with two_domains(broker.socket_path) as (one, two):
+        (pair,) = await connected_pairs(one, two, 1)
+        async with one.evtchn.subscribe(ports=[pair.client_port]) as events:
+            await one.evtchn.unbind(pair.client_port)
+            again = await one.evtchn.bind_interdomain(two.domid, pair.server_port)
+            assert again == pair.client_port  # Xen hands out the lowest free port
+            await two.evtchn.notify(pair.server_port)
+            with pytest.raises(PortUnbound):
+                await next_event(events)
+
+
+async def test_subscription_to_all_ports_survives_an_unbind(broker: InProcessBroker) -> None:
+    async with two_domains(broker.socket_path) as (one, two):
+        a, b = await connected_pairs(one, two, 2)
+        async with one.evtchn.subscribe() as every:
+            await one.evtchn.unbind(a.client_port)
+            await two.evtchn.notify(b.server_port)
+            assert await next_event(every) == PortFired(b.client_port)
+            again = await one.evtchn.bind_interdomain(two.domid, a.server_port)
+            assert await next_event(every) == PortFired(again)  # the new channel's own event, once
+            await nothing_more(every)
+
+
+async def test_end_subscriptions_for_shutdown(broker: InProcessBroker) -> None:
+    from grant_broker.core.operations.evtchn import end_subscriptions
 
     async with two_domains(broker.socket_path) as (one, two):
         subscriptions = [await session.evtchn.subscribe() for session in (one, two) for _ in range(3)]
         consumers = [asyncio.create_task(_collect(s)) for s in subscriptions]
-        service = EvtchnService(broker.registry)
-        service.end_streams()
+        end_subscriptions(broker.registry)
         assert await asyncio.wait_for(asyncio.gather(*consumers), 5) == [[]] * 6
 
 

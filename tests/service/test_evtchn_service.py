@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 import grant_broker_client
-from grant_broker.service.session import Limits
+from grant_broker.core.policy import Limits
 from grant_broker_client.evtchn import PortFired
 
 from .conftest import InProcessBroker
@@ -72,6 +72,18 @@ async def test_unbinding_frees_the_remote_end_to_bind_again(broker: InProcessBro
             assert await next_event(events) == PortFired(again)
             await two.evtchn.notify(pair.server_port)
             assert await next_event(events) == PortFired(again)
+
+
+async def test_event_of_a_port_unbound_before_the_first_subscribe_is_dropped(broker: InProcessBroker) -> None:
+    async with two_domains(broker.socket_path) as (one, two):
+        pair = await connect_pair(one, two)  # the new port fires at once
+        await two.evtchn.notify(pair.server_port)  # and again (coalesced while it is masked)
+        await one.evtchn.unbind(pair.client_port)
+        again = await one.evtchn.bind_interdomain(two.domid, pair.server_port)
+        assert again == pair.client_port  # Xen hands out the lowest free port
+        async with one.evtchn.subscribe(ports=[again]) as events:
+            assert await next_event(events) == PortFired(again)  # the new channel's own event, once
+            await nothing_more(events)
 
 
 async def test_port_quota(broker: InProcessBroker) -> None:

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 
 from grant_broker.backend.contract import Backend
+from grant_broker.core.events import EventHub
 from grant_broker.core.policy import Limits, Policy
 from grant_broker.core.session import Session
 from grant_broker_protocol.errors import BrokerError
@@ -42,6 +43,7 @@ class SessionRegistry:
         self._sessions: dict[int, Session] = {}
         self._by_token: dict[str, Session] = {}
         self._ids = itertools.count(1)
+        self.event_hub = EventHub()
 
     @property
     def sessions(self) -> list[Session]:
@@ -72,7 +74,7 @@ class SessionRegistry:
             backend = self.provider.backend(domid, vmid)
         except ValueError as exc:  # a domid the backend cannot be (emulated: above 0x7FEF)
             raise BrokerError(errno.EINVAL, operation, str(exc)) from None
-        session = Session(next(self._ids), channel, creds, backend, client_name or f"pid {creds.pid}", self.limits)
+        session = Session(next(self._ids), channel, creds, backend, client_name or f"pid {creds.pid}", self.limits, self.event_hub)
         self._sessions[session.id] = session
         self._by_token[session.token] = session
         log.info(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from grant_broker.backend.contract import Backend, EvtchnHandle, GntallocInstance, GntdevInstance, MemBufDevice
+from grant_broker.core.events import EventHub
 from grant_broker.core.policy import Limits
 from grant_broker_protocol.errors import BrokerError
 from grant_broker_protocol.fdchannel import FdChannel, PeerCredentials
@@ -57,6 +58,7 @@ class Session:
         backend: Backend,
         client_name: str,
         limits: Limits,
+        event_hub: EventHub,
     ) -> None:
         self.id = session_id
         self.token = secrets.token_urlsafe(32)
@@ -65,6 +67,7 @@ class Session:
         self.backend = backend
         self.client_name = client_name
         self.limits = limits
+        self.event_hub = event_hub  # the broker's, shared by every session's event reader
         self.created = time.monotonic()
         self.usage = Usage()
         self.closed = asyncio.Event()

@@ -7,11 +7,18 @@ refused with ``ENOTCONN`` — what the Linux driver answers for a port not
 bound through the file — before any device is touched.
 
 Events are read by one :class:`~grant_broker.core.events.EventFanout` per
-session (the only reader of the session's handle) and delivered to each
-subscription from its own bounded queue.  A subscription yields
+session (the only reader of the session's handle), started with the
+session's first bind so that the broker sees every event, and delivered to
+each subscription from its own bounded queue.  A subscription yields
 ``Event(subscribed=True)`` first: once the client has it, the subscription is
 registered and nothing that fires later is missed.  Subscriptions end when
-the client cancels them or the session ends.
+the client cancels them or the session ends (normally), and with
+``ENOTCONN`` ("port N was unbound") when a port they name is unbound — after
+the events they had queued of their other ports.  ``Unbind`` tells the
+fan-out after the device: the port's events not yet delivered (pending for a
+first subscriber, or queued for a subscription) are dropped, so a new channel
+that reuses the number starts clean.  The fan-outs of a broker share its
+:class:`~grant_broker.core.events.EventHub` (``session.event_hub``).
 
 The gntdev / gntalloc unmap notifications find the session's ports with
 :func:`check_port_of_session`.
@@ -27,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from grant_broker.core.checks import check_domid, invalid
-from grant_broker.service.events import MAX_QUEUE_SIZE, EventFanout, Fired, deliveries
+from grant_broker.core.events import MAX_QUEUE_SIZE, EventFanout, Fired, PortUnbound
 from grant_broker.core.registry import SessionRegistry
 from grant_broker.core.reply import Reply
 from grant_broker.core.session import Session
@@ -79,14 +86,17 @@ def check_port_of_session(operation: str, session: Session, action: int, port: i
         raise invalid(operation, f"event channel port {port} is not bound by this session")
 
 
-def session_fanout(session: Session) -> EventFanout:
-    """The one reader of the session's evtchn handle, started on first use and
-    closed when the session is released (before its handle is closed)."""
+def session_fanout(session: Session, operation: str = "evtchn subscribe") -> EventFanout:
+    """The one reader of the session's evtchn handle, started on first use — the
+    session's first bind or subscription — and closed when the session is
+    released (before its handle is closed)."""
     state = session_state(session)
     if state.fanout is None or state.fanout.closed:
         # Opening the handle now would leak it if release already ran.
-        session.check_live("evtchn subscribe")
-        fanout = EventFanout(session.evtchn, name=f"session {session.id}", bound_ports=lambda: tuple(state.ports))
+        session.check_live(operation)
+        fanout = EventFanout(
+            session.evtchn, session.event_hub, name=f"session {session.id}", bound_ports=lambda: tuple(state.ports)
+        )
         state.fanout = fanout
         session.resources[FANOUT_KEY] = fanout
         session.on_release(fanout.close)
@@ -114,6 +124,9 @@ def _owned_port(operation: str, state: SessionEvtchn, port: int) -> None:
 def _bind(session: Session, operation: str, bind: Callable[[], int]) -> Reply[evtchn_pb2.BindResponse]:
     state = session_state(session)
     session.check_quota(operation, "event channel ports", session.usage.event_channels, 1, session.limits.max_ports_per_session)
+    # The reader exists before the first port does: every event is read by
+    # the broker, so an unbind can forget what its port fired.
+    session_fanout(session, operation)
     port = bind()
     state.ports.add(port)
     session.usage.event_channels += 1
@@ -153,6 +166,10 @@ async def unbind(session: Session, request: evtchn_pb2.UnbindRequest) -> Reply[e
 
 
 def _forget(session: Session, state: SessionEvtchn, port: int) -> None:
+    # After the device's unbind (it queues nothing more of the port) and
+    # after the port left state.ports (an overflow recovery during the
+    # fan-out's drain must not report it): the fan-out drains the device,
+    # drops the port's events and ends the subscriptions that name it.
     state.ports.discard(port)
     session.usage.event_channels -= 1
     if state.fanout is not None:
@@ -173,9 +190,10 @@ async def notify(session: Session, request: evtchn_pb2.NotifyRequest) -> Reply[e
     # would otherwise send first.  The listener's wake-up is what a notifier
     # waits for, not its own reply (measured: the event arrives ~25%
     # sooner; the reply is later only by the sends it let go first).
-    delivered = deliveries()
+    hub = session.event_hub
+    delivered = hub.deliveries
     await asyncio.sleep(0)
-    if deliveries() != delivered:
+    if hub.deliveries != delivered:
         await asyncio.sleep(0)
     return Reply(evtchn_pb2.NotifyResponse())
 
@@ -241,6 +259,8 @@ async def subscribe(
                 event = await anext(subscription)
             except StopAsyncIteration:
                 return  # the session ended: the stream ends with OK
+            except PortUnbound as end:
+                raise BrokerError(errno.ENOTCONN, operation, f"{end}: the subscription has ended") from None
             except Exception as exc:  # noqa: BLE001 - the device failed under the fan-out
                 raise BrokerError(errno.EIO, operation, f"reading the session's event channel device failed: {exc}") from exc
             if isinstance(event, Fired):

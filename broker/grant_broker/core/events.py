@@ -25,10 +25,27 @@ Delivery rules, in the order they matter:
   behind — and unmasked as soon as an auto-unmask subscriber takes an event
   off its queue.
   Subscribers without auto-unmask unmask themselves.
+* **An unbound port is forgotten at once** (:meth:`EventFanout.forget_port`,
+  called right after the device's unbind).  The device keeps an unbound
+  port's already fired event in its queue (Linux ``evtchn_unbind_from_user``
+  leaves the ring alone), and a new channel may get the same number at the
+  next bind; so the fan-out first reads what the handle has queued right now
+  (the other ports in it are delivered as usual), then drops every event of
+  the port it holds: the pending one nobody took, and those still queued for
+  subscribers (events a subscriber already took are its own).  Nothing of
+  the old channel is handed out afterwards, least of all as an event of the
+  new one.  A subscription that names the port **ends**: it first yields what
+  it had queued of its other ports, then raises :class:`PortUnbound`.  A
+  subscription to all ports goes on (it never hears the old port again; a
+  new channel on that number is a port like any other).
+
+The readers of one broker share an :class:`EventHub`: it refuses a second
+reader for a descriptor and counts what they all delivered.  The module holds
+no state of its own.
 
 Example, with a handle of the emulated backend::
 
-    fanout = EventFanout(handle)
+    fanout = EventFanout(handle, EventHub())
     try:
         with fanout.subscribe(ports={port}) as subscription:
             async for event in subscription:
@@ -36,6 +53,8 @@ Example, with a handle of the emulated backend::
                     print("port", event.port, "fired")
                 else:
                     print(event.count, "events lost")
+    except PortUnbound:
+        print("port", port, "was unbound")
     finally:
         fanout.close()
 
@@ -91,26 +110,49 @@ class FanoutClosed(Exception):
     """Raised by :meth:`EventFanout.subscribe` when the fan-out is already closed."""
 
 
+class PortUnbound(Exception):
+    """How a subscription that names *port* ends once the port is unbound.
+
+    Raised by the subscription's iterator (and :meth:`Subscription.get_nowait`)
+    after it has yielded what it had queued of its other ports, and on every
+    call after that, until the subscription is closed.
+    """
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self.port = port
+
+    def __str__(self) -> str:
+        return f"port {self.port} was unbound"
+
+
+class EventHub:
+    """What the event fan-outs of one broker share: one per broker, passed to
+    each :class:`EventFanout`.
+
+    It keeps the live readers by (event loop, descriptor) — a second
+    ``add_reader`` on a descriptor would silently replace the first reader
+    and events would go missing, so a second fan-out is refused instead —
+    and counts the events all of them handed to subscribers.
+    """
+
+    def __init__(self) -> None:
+        self._deliveries = 0
+        self._readers: dict[tuple[int, int], EventFanout] = {}
+
+    @property
+    def deliveries(self) -> int:
+        """How many fired ports the hub's fan-outs have handed to subscribers
+        so far: a caller can tell whether a turn of the event loop delivered
+        anything."""
+        return self._deliveries
+
+
 # A queue entry: (events lost just before this one, the port).  Carrying the
 # lost count inside the entry keeps "Lost before the next event" in one queue
 # slot, so a queue with room for one event always has room for its report.
 _Entry = tuple[int, int]
-_END: Final = (-1, -1)  # sentinel: the fan-out closed (never a real entry: counts are >= 0)
-
-_deliveries = 0  # events handed to subscribers, by every fan-out of the process
-
-
-def deliveries() -> int:
-    """How many fired ports the fan-outs of this process have handed to
-    subscribers so far: a caller can tell whether a turn of the event loop
-    delivered anything."""
-    return _deliveries
-
-
-# Live fan-outs by (loop, descriptor): a second add_reader on the same
-# descriptor would silently replace the first reader, and events would go
-# missing, so a second reader is refused instead.
-_live: dict[tuple[int, int], "EventFanout"] = {}
+_WAKE: Final = (-1, -1)  # wakes a reader blocked on the empty queue of an ended subscription (counts are >= 0)
 
 
 class EventFanout:
@@ -122,6 +164,7 @@ class EventFanout:
 
     Args:
         handle: the evtchn handle to read; borrowed, never closed here.
+        hub: the broker's :class:`EventHub`.
         name: how log lines name this fan-out (e.g. ``"session 3"``).
         bound_ports: the ports bound through *handle* right now.  With it, a
             ring overflow (``EFBIG`` from the read) is recovered from: the
@@ -132,20 +175,22 @@ class EventFanout:
             fan-out like any other read failure.
 
     Raises:
-        RuntimeError: *handle* already has a live fan-out, or no loop is running.
+        RuntimeError: *handle* already has a live fan-out in *hub*, or no loop is running.
     """
 
     def __init__(
         self,
         handle: EvtchnHandle,
+        hub: EventHub,
         *,
         name: str = "evtchn",
         bound_ports: Callable[[], Iterable[int]] | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._hub = hub
         self._fd = handle.fileno()
         self._key = (id(self._loop), self._fd)
-        if self._key in _live:
+        if self._key in self._hub._readers:
             raise RuntimeError(f"{name}: the evtchn handle already has a reader (one reader per handle)")
         self._handle = handle
         self._name = name
@@ -159,9 +204,13 @@ class EventFanout:
         self.events_read = 0
         self.overflows = 0
         self._loop.add_reader(self._fd, self._on_readable)
-        _live[self._key] = self
+        self._hub._readers[self._key] = self
 
     # ---------------------------------------------------------------- public
+
+    @property
+    def hub(self) -> EventHub:
+        return self._hub
 
     @property
     def closed(self) -> bool:
@@ -216,9 +265,28 @@ class EventFanout:
         return subscription
 
     def forget_port(self, port: int) -> None:
-        """*port* was unbound: drop what the fan-out remembers of it."""
+        """*port* was just unbound from the handle: hand out nothing of it any more.
+
+        Call it right after the device's unbind returned (from then on the
+        device queues nothing more of the port, but keeps what it had
+        queued).  Reads what the handle has queued now, delivering the other
+        ports in it as usual; drops the port's pending event and its events
+        still queued for subscribers; ends every subscription that names the
+        port (:class:`PortUnbound`, after what it queued of its other ports).
+        Subscriptions to all ports go on.  See the module docstring.
+        """
+        if self._closed:
+            return
+        self._drain(skip=port)
         self._pending.pop(port, None)
         self._held.discard(port)
+        ending = self._by_port.pop(port, set())
+        for subscription in self._all:
+            subscription._drop(port)
+        for subscription in ending:
+            subscription._drop(port)
+            self._unregister(subscription)
+            subscription._end(unbound=port)
 
     def forget_pending(self) -> None:
         """The handle was reset (``IOCTL_EVTCHN_RESET``): what it fired and
@@ -235,8 +303,8 @@ class EventFanout:
         try:
             self._loop.remove_reader(self._fd)
         finally:
-            if _live.get(self._key) is self:
-                del _live[self._key]
+            if self._hub._readers.get(self._key) is self:
+                del self._hub._readers[self._key]
             subscriptions = self._all | {s for subs in self._by_port.values() for s in subs}
             self._all.clear()
             self._by_port.clear()
@@ -250,6 +318,24 @@ class EventFanout:
     def _on_readable(self) -> None:
         if self._closed:  # a callback already scheduled when close() ran
             return
+        for port in self._read() or ():
+            self._dispatch(port)
+
+    def _drain(self, skip: int) -> None:
+        """Read until the handle's queue is empty (a short read), now; deliver
+        what was read except *skip*."""
+        while not self._closed:
+            ports = self._read()
+            if ports is None:
+                return
+            for port in ports:
+                if port != skip:
+                    self._dispatch(port)
+            if len(ports) < READ_BATCH:
+                return
+
+    def _read(self) -> list[int] | None:
+        """One read of the handle; None when it failed (the fan-out is closed then)."""
         try:
             ports = self._handle.read_pending(READ_BATCH)
         except BrokerError as exc:
@@ -257,13 +343,12 @@ class EventFanout:
                 ports = self._recover_overflow()
             else:
                 self._fail(exc)
-                return
+                return None
         except Exception as exc:  # noqa: BLE001 - a dead device ends the fan-out, it must not spin
             self._fail(exc)
-            return
+            return None
         self.events_read += len(ports)
-        for port in ports:
-            self._dispatch(port)
+        return ports
 
     def _fail(self, exc: BaseException) -> None:
         log.error("%s: reading the evtchn device failed, ending its subscriptions: %s", self._name, exc)
@@ -288,14 +373,13 @@ class EventFanout:
         return sorted(self._bound_ports())
 
     def _dispatch(self, port: int) -> None:
-        global _deliveries
         takers = self._all.union(self._by_port.get(port, ()))
         if not takers:
             # Left masked in the device, so further notifications coalesce
             # until someone subscribes; remembered once.
             self._pending[port] = None
             return
-        _deliveries += 1
+        self._hub._deliveries += 1
         queued_for_unmasker = False
         wanted_by_unmasker = False
         for subscription in takers:
@@ -339,10 +423,13 @@ class EventFanout:
 class Subscription:
     """Events of an :class:`EventFanout` for one subscriber, in order.
 
-    An async iterator of :class:`Fired` / :class:`Lost`; it ends (cleanly)
-    when the subscription or the fan-out is closed, or raises the device
-    error that closed the fan-out.  Also a sync and async context manager
-    that closes it.  Create with :meth:`EventFanout.subscribe`.
+    An async iterator of :class:`Fired` / :class:`Lost`.  It ends cleanly
+    when the subscription or the fan-out is closed (what is still queued is
+    discarded: closed means closed), raises the device error that closed the
+    fan-out, or — once a port it names is unbound — yields what it had
+    queued of its other ports and then raises :class:`PortUnbound`.  Also a
+    sync and async context manager that closes it.  Create with
+    :meth:`EventFanout.subscribe`.
     """
 
     def __init__(self, fanout: EventFanout, ports: frozenset[int], auto_unmask: bool, queue_size: int) -> None:
@@ -354,21 +441,24 @@ class Subscription:
         self._lost = 0  # dropped since the last queued event
         self.lost_total = 0
         self.delivered_total = 0
-        self._ended = False
+        self._ended = False  # nothing more will be queued
+        self._unbound: int | None = None  # ended by the unbind of this port: the queue is yielded first
         self._carry: int | None = None  # port to yield after its Lost report
 
     @property
     def closed(self) -> bool:
+        """Nothing more will be queued (closed, or ended by an unbind)."""
         return self._ended
 
     def wants(self, port: int) -> bool:
         return not self.ports or port in self.ports
 
     def close(self) -> None:
-        """Stop receiving; the iterator ends.  Idempotent."""
+        """Stop receiving; the iterator ends (StopAsyncIteration), and what is
+        still queued is discarded.  Idempotent."""
         if not self._ended:
             self._fanout._unregister(self)
-            self._end()
+        self._end()
 
     # ------------------------------------------------------------ fan-out side
 
@@ -383,16 +473,45 @@ class Subscription:
         self._lost = 0
         return True
 
-    def _end(self) -> None:
-        if self._ended:
-            return
+    def _drop(self, port: int) -> None:
+        """Forget the queued events of *port* (it was unbound).  A loss
+        reported with a dropped event moves to the next event kept."""
+        if self._carry == port:
+            self._carry = None  # its Lost report was already taken
+        kept: list[_Entry] = []
+        carried = 0
+        while True:
+            try:
+                entry = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            lost, queued = entry
+            if entry != _WAKE and queued == port:
+                carried += lost
+                continue
+            if carried and entry != _WAKE:
+                entry, carried = (lost + carried, queued), 0
+            kept.append(entry)
+        self._lost += carried
+        for entry in kept:
+            self._queue.put_nowait(entry)
+
+    def _end(self, *, unbound: int | None = None) -> None:
+        """Nothing more will be queued.  Closed (*unbound* None): what is
+        queued is discarded.  Ended by the unbind of *unbound*: the queue is
+        yielded first, then :class:`PortUnbound`."""
+        if unbound is not None:
+            if self._ended:
+                return
+            self._unbound = unbound
+        else:
+            self._unbound = None
+            while not self._queue.empty():
+                self._queue.get_nowait()
         self._ended = True
-        # Wake a reader blocked on the empty queue.  A reader can only be
-        # blocked when the queue is empty; make room anyway so the sentinel
-        # always fits (what is queued is discarded: closed means closed).
-        while self._queue.full():
-            self._queue.get_nowait()
-        self._queue.put_nowait(_END)
+        if self._queue.empty():
+            # A reader can only be blocked on an empty queue: wake it to see the end.
+            self._queue.put_nowait(_WAKE)
 
     # ------------------------------------------------------------ consumer side
 
@@ -400,36 +519,44 @@ class Subscription:
         return self
 
     async def __anext__(self) -> FanoutEvent:
-        ready = self._ready()
-        if ready is not None:
-            return ready
-        return self._consume(await self._queue.get())
+        while True:
+            event = self._take()
+            if event is not None:
+                return event
+            event = self._consume(await self._queue.get())
+            if event is not None:
+                return event
 
     def get_nowait(self) -> FanoutEvent | None:
         """The next event if one is queued, else ``None``.
 
         Raises:
-            StopAsyncIteration: the subscription has ended (as the iterator would).
+            StopAsyncIteration, PortUnbound, or the device error: the
+                subscription has ended (as the iterator would).
         """
-        ready = self._ready()
-        if ready is not None:
-            return ready
-        try:
-            entry = self._queue.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-        return self._consume(entry)
+        return self._take()
 
-    def _ready(self) -> FanoutEvent | None:
+    def _take(self) -> FanoutEvent | None:
         if self._carry is not None:
             port, self._carry = self._carry, None
             return Fired(port)
-        if self._ended:
+        if self._ended and self._unbound is None:
             self._raise_end()
-        return None
+        while True:
+            try:
+                entry = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                if self._ended:
+                    self._raise_end()
+                return None
+            event = self._consume(entry)
+            if event is not None:
+                return event
 
-    def _consume(self, entry: _Entry) -> FanoutEvent:
-        if self._ended or entry == _END:
+    def _consume(self, entry: _Entry) -> FanoutEvent | None:
+        if entry == _WAKE:
+            return None
+        if self._ended and self._unbound is None:
             self._raise_end()
         lost, port = entry
         self.delivered_total += 1
@@ -441,6 +568,8 @@ class Subscription:
         return Fired(port)
 
     def _raise_end(self) -> NoReturn:
+        if self._unbound is not None:
+            raise PortUnbound(self._unbound) from None
         error = self._fanout.error
         if error is not None:
             # A copy per subscriber: raising one object from many tasks would
