@@ -140,7 +140,7 @@ class Session:
             close = getattr(state, "close", None)
             if close is not None:
                 self.on_release(close)
-        return state  # type: ignore[no-any-return]
+        return state
 
     def on_release(self, cleanup: Callable[[], object]) -> None:
         """Run *cleanup* when the session is released (last registered runs first)."""

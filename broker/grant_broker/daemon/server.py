@@ -160,7 +160,7 @@ class BrokerServer:
         routes = build_routes(status, streams_ended=lambda: self._ending)
         server.add_generic_rpc_handlers(generic_handlers(registry, routes))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]  # unannotated in its stubs
             reflection.aio.ReflectionServicer([*self._service_names(), health.SERVICE_NAME, reflection.SERVICE_NAME]),
             server,
         )

@@ -12,20 +12,25 @@ all of them for every call, which cost ~40 µs of event-loop time per call.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import grpc
 from google.protobuf.message import Message
 
 from grant_broker.core.registry import SessionRegistry
 from grant_broker.core.reply import Reply
-from grant_broker.core.routes import SERVICES, Route
+from grant_broker.core.routes import SERVICES, Route, StreamOperation, UnaryOperation
 from grant_broker.core.session import Session
 from grant_broker.transport.grpc.status import abort, is_abort
 from grant_broker_protocol.endpoints import SESSION_METADATA_KEY
 
 
-def session_token(context: grpc.aio.ServicerContext) -> str | None:
+# The stubs make these generic; at run time they are plain classes.
+_Context: TypeAlias = "grpc.aio.ServicerContext[Message, Message]"
+_Handler: TypeAlias = "grpc.RpcMethodHandler[Message, Message]"
+
+
+def session_token(context: _Context) -> str | None:
     """The session token the call carries in its metadata, if any."""
     for key, value in context.invocation_metadata() or ():
         if key == SESSION_METADATA_KEY:
@@ -33,7 +38,7 @@ def session_token(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
-def _find_session(registry: SessionRegistry, route: Route, context: grpc.aio.ServicerContext) -> Session | None:
+def _find_session(registry: SessionRegistry, route: Route, context: _Context) -> Session | None:
     token = session_token(context)
     if route.session_optional and token is None:
         return None
@@ -47,22 +52,24 @@ async def deliver(session: Session, reply: Reply[Any]) -> Message:
         transfer_id = await session.channel.send_transfer([fd.fileno() for fd in reply.fds])
     finally:
         reply.close()
-    reply.message.fd_transfer = transfer_id  # type: ignore[attr-defined]
-    return reply.message
+    message: Message = reply.message
+    setattr(message, "fd_transfer", transfer_id)  # every route that sends_fds has the field
+    return message
 
 
-def _unary_handler(registry: SessionRegistry, route: Route) -> grpc.RpcMethodHandler:
-    operation = route.operation
+def _unary_handler(registry: SessionRegistry, route: Route) -> _Handler:
+    operation = cast(UnaryOperation, route.operation)
     sends_fds = route.sends_fds
 
-    async def handle(request: Message, context: grpc.aio.ServicerContext) -> Message:
+    async def handle(request: Message, context: _Context) -> Message:
         try:
             session = _find_session(registry, route, context)
-            reply: Reply[Any] = await operation(session, request)  # type: ignore[misc]
+            reply = await operation(session, request)
             if sends_fds:
                 assert session is not None
                 return await deliver(session, reply)
-            return reply.message
+            message: Message = reply.message
+            return message
         except Exception as exc:  # noqa: BLE001 - mapped to a status, never swallowed
             if is_abort(exc):
                 raise
@@ -73,13 +80,13 @@ def _unary_handler(registry: SessionRegistry, route: Route) -> grpc.RpcMethodHan
     )
 
 
-def _stream_handler(registry: SessionRegistry, route: Route) -> grpc.RpcMethodHandler:
-    operation = route.operation
+def _stream_handler(registry: SessionRegistry, route: Route) -> _Handler:
+    operation = cast(StreamOperation, route.operation)
 
-    async def handle(request: Message, context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
+    async def handle(request: Message, context: _Context) -> AsyncIterator[Message]:
         try:
             session = _find_session(registry, route, context)
-            async for message in operation(session, request):  # type: ignore[attr-defined]
+            async for message in operation(session, request):
                 yield message
         except Exception as exc:  # noqa: BLE001 - mapped to a status, never swallowed
             if is_abort(exc):
@@ -93,7 +100,7 @@ def _stream_handler(registry: SessionRegistry, route: Route) -> grpc.RpcMethodHa
 
 def generic_handlers(registry: SessionRegistry, routes: Iterable[Route]) -> list[grpc.GenericRpcHandler]:
     """One generic handler per service, serving every route of that service."""
-    by_service: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+    by_service: dict[str, dict[str, _Handler]] = {}
     for route in routes:
         make = _stream_handler if route.streaming else _unary_handler
         by_service.setdefault(route.service, {})[route.method] = make(registry, route)

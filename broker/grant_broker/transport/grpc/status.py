@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2
@@ -66,7 +66,7 @@ def as_broker_error(exc: BaseException) -> tuple[BrokerError, grpc.StatusCode | 
     return BrokerError(errno.EIO, "broker", f"internal error: {type(exc).__name__}: {exc}"), grpc.StatusCode.INTERNAL
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
     """End the call with the status *exc* maps to."""
     error, code = as_broker_error(exc)
     await context.abort_with_status(to_grpc_status(error, code))
