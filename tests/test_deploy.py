@@ -9,11 +9,15 @@ from pathlib import Path
 
 from grant_broker.cli import build_parser
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+REPOSITORY = Path(__file__).resolve().parents[1]
+DEPLOY = REPOSITORY / "deploy"
+SYSTEMD_UNIT = DEPLOY / "systemd" / "grant-broker.service"
+# Where deploy/systemd/README.md's install steps put the unit's documentation.
+INSTALLED_DOCS = "/usr/share/doc/grant-broker/"
 
 
 def test_systemd_unit_execstart_parses() -> None:
-    unit = (DEPLOY / "systemd" / "grant-broker.service").read_text()
+    unit = SYSTEMD_UNIT.read_text()
     (line,) = re.findall(r"^ExecStart=(.*)$", unit, flags=re.M)
     args = build_parser().parse_args(shlex.split(line)[1:])
     assert args.command == "serve"
@@ -34,3 +38,36 @@ def test_daemonset_args_and_probe_parse() -> None:
     assert build_parser().parse_args(args).command == "serve"
     probe = json.loads(re.search(r"command: (\[.*\])$", manifest, flags=re.M).group(1))  # type: ignore[union-attr]
     assert build_parser().parse_args(probe[1:]).command == "status"
+
+
+def test_systemd_unit_documentation_is_installed_from_the_repository() -> None:
+    """Each Documentation= is a file under /usr/share/doc/grant-broker/ that exists in deploy/systemd/
+    and that the install steps of deploy/systemd/README.md copy there."""
+    unit = SYSTEMD_UNIT.read_text()
+    uris = [uri for line in re.findall(r"^Documentation=(.*)$", unit, flags=re.M) for uri in line.split()]
+    assert uris
+    for uri in uris:
+        assert uri.startswith(f"file://{INSTALLED_DOCS}"), f"{uri}: nothing installs it"
+        installed = uri.removeprefix("file://")
+        name = installed.removeprefix(INSTALLED_DOCS)
+        assert (DEPLOY / "systemd" / name).is_file(), f"{uri}: deploy/systemd/{name} does not exist"
+        readme = (DEPLOY / "systemd" / "README.md").read_text()
+        assert re.search(rf"^install .*deploy/systemd/{re.escape(name)} {re.escape(installed)}$", readme, flags=re.M), \
+            f"{uri}: deploy/systemd/README.md does not install deploy/systemd/{name} there"
+
+
+def test_systemd_unit_names_repository_files_that_exist() -> None:
+    unit = SYSTEMD_UNIT.read_text()
+    named = re.findall(r"(?<![\w/])deploy/[\w./-]*\w", unit)
+    assert named
+    missing = [path for path in named if not (REPOSITORY / path).exists()]
+    assert not missing, f"the unit names files the repository does not have: {missing}"
+
+
+def test_systemd_readme_commands_parse() -> None:
+    readme = (DEPLOY / "systemd" / "README.md").read_text()
+    blocks = re.findall(r"^```sh\n(.*?)^```", readme, flags=re.M | re.S)
+    commands = [line.split("#")[0] for block in blocks for line in block.splitlines() if line.startswith("grant-broker ")]
+    assert commands
+    for command in commands:
+        build_parser().parse_args(shlex.split(command)[1:])

@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from grant_broker.backend import membuf as backend
+from grant_broker.backend import membuf_rules as rules
 from grant_broker.backend.contract import PAGE_SIZE, AclEntry, MemBufAbi
 from grant_broker.backend.emulated import EmulatedHypervisor
 from grant_broker.backend.emulated.membuf import MemparcelRegistry
@@ -501,7 +502,10 @@ def c_layout(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., bytes]:
     if GCC is None:
         pytest.skip("gcc not found on PATH; cannot compile the seed header")
     if not SEED_HEADER.exists():
-        pytest.skip(f"seed header not found at {SEED_HEADER}")
+        # ../shared/seeds/ is reference data kept beside the clone (CI always has
+        # it), never copied into the repository: its absence is a failure.
+        pytest.fail(f"C header not found: {SEED_HEADER}. The reference headers are not in the repository; "
+                    "they are read from ../shared/seeds/ beside the clone.", pytrace=False)
     work = tmp_path_factory.mktemp("membuf_layout")
     src, exe = work / "layout.c", work / "layout"
     src.write_text(C_PROGRAM.format(header=SEED_HEADER))
@@ -640,6 +644,21 @@ def test_bad_acls_never_reach_the_driver(
         error = _errno_of(call)
     assert (error.errno, error.operation) == (errno.EINVAL, f"mem-buf {operation}")
     assert not driver.operations and len(driver.calls) == 4  # the probe's
+
+
+RULES = {
+    "check_acl_count": lambda operation: rules.check_acl_count((), operation),
+    "check_acl_entries": lambda operation: rules.check_acl_entries((AclEntry(2, RW),), operation),
+    "check_alloc": lambda operation: rules.check_alloc(
+        operation, PAGE_SIZE + 1, ACL, src_mem_type=0, src_heap_id=0, dst_mem_type=0, dst_heap_id=0),
+}
+
+
+@pytest.mark.parametrize("rule", RULES.values(), ids=RULES.keys())
+def test_a_rule_names_the_operation_as_its_caller_does(rule: Callable[[str], object]) -> None:
+    error = _errno_of(lambda: rule("mem-buf alloc"))
+    assert error.operation == "mem-buf alloc"
+    assert str(error).startswith("mem-buf alloc: Invalid argument (EINVAL): ")
 
 
 BAD_ALLOCS = {

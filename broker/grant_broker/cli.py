@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import string
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn
 
 from grant_broker import __version__
 from grant_broker_protocol.errors import BrokerError
@@ -29,9 +30,25 @@ examples:
   grant-broker map --as-domain 2 --domain 1 --ref 8    # dump the page the other one shares
   grant-broker watch --as-domain 2 --remote-domain 1   # bind a port and print its events
 
-The socket defaults to $GRANT_BROKER_SOCKET, else $XDG_RUNTIME_DIR/grant-broker/broker.sock
-(/run/grant-broker/broker.sock as root).
+--socket goes before or after the command (the last one given wins).  The socket defaults to
+$GRANT_BROKER_SOCKET, else $XDG_RUNTIME_DIR/grant-broker/broker.sock (/run/grant-broker/broker.sock
+as root).  Options are never abbreviated.
+
+With --json (every command has it) the results are JSON objects on stdout, one per line, and an
+error is one JSON object on stderr, its last line (serve logs on stderr before it):
+  {"error": {"command", "operation", "errno", "errno_name", "grpc_code", "message", "detail",
+             "gntst", "gntst_name"}}
+grpc_code is the call's gRPC status, or for a failure before any call the status the broker
+gives that errno.  Exit status: 0 done, 1 refused or failed, 2 bad command line.
 """
+
+_SOCKET_HELP = "the broker's gRPC Unix socket, before or after the command (default: see grant-broker --help)"
+_JSON_HELP = (
+    "machine-readable output: JSON objects on stdout, one per line; an error is one JSON object on stderr "
+    "(see grant-broker --help)"
+)
+_USAGE_OPERATION = "parse the command line"
+_CHECK_OPERATION = "check the arguments"
 
 
 def _socket_default() -> str:
@@ -40,8 +57,37 @@ def _socket_default() -> str:
     return default_socket_path()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 0660") from None
+    if not 0 <= mode <= 0o7777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 0660")
+    return mode
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that never takes an abbreviation for an option, and
+    reports a bad command line as a JSON error when ``json_errors`` is set."""
+
+    json_errors = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(**kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        if self.json_errors:
+            command = self.prog.split()[1] if " " in self.prog else None
+            _print_error_json(command, errno.EINVAL, _USAGE_OPERATION, message)
+            self.exit(EXIT_USAGE)
+        super().error(message)
+
+
+def build_parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
+    """The command line; with *json_errors*, a bad one is reported as a JSON error."""
+    parser = _Parser(
         prog="grant-broker",
         description="One per-host daemon that owns the Xen grant-table, event-channel and mem-buf devices "
         "and serves them to other processes over gRPC.",
@@ -49,14 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"grant-broker {__version__}")
-    parser.add_argument("--socket", default=None, help="the broker's gRPC Unix socket (default: see below)")
+    parser.add_argument("--socket", default=None, help=_SOCKET_HELP)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info")
+    # What every command takes.  --socket after the command overrides the one
+    # before it, and is absent from the namespace when not given there.
+    common = _Parser(add_help=False)
+    common.add_argument("--socket", default=argparse.SUPPRESS, help=_SOCKET_HELP)
+    common.add_argument("--json", action="store_true", help=_JSON_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the broker", description="Run the broker in the foreground until SIGTERM/SIGINT.")
+    def command(name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, parents=[common], **kwargs)
+
+    serve = command("serve", "run the broker", description="Run the broker in the foreground until SIGTERM/SIGINT.")
     serve.add_argument("--backend", default="auto", choices=["auto", "emulated", "xen"],
                        help="auto (default): the real Xen devices when /dev/xen/gntdev exists, else the emulated hypervisor")
-    serve.add_argument("--socket-mode", default="0660", help="permissions of the sockets, octal (default 0660)")
+    serve.add_argument("--socket-mode", type=_octal_mode, default=0o660, help="permissions of the sockets, octal (default 0660)")
     serve.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get on shutdown (default 5)")
     serve.add_argument("--allow-uid", type=int, action="append", default=[], help="only these uids may open sessions (repeatable; default: whoever the socket mode lets in)")
     serve.add_argument("--allow-gid", type=int, action="append", default=[], help="... or these gids (repeatable)")
@@ -64,43 +118,78 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-subscriptions-per-session", type=int, default=None,
                        help="event-channel subscriptions (Subscribe streams) one session may hold (default 64)")
 
-    status = commands.add_parser("status", help="backend, capabilities, sessions and what they hold")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    command("status", "backend, capabilities, sessions and what they hold")
 
-    share = commands.add_parser("share", help="share pages with a domain and print their refs (holds them until Ctrl-C)")
+    share = command("share", "share pages with a domain and print their refs (holds them until Ctrl-C)")
     share.add_argument("--to-domain", type=int, required=True, help="the domain that may map the pages")
     share.add_argument("--as-domain", type=int, default=None, help="act as this domain (emulated backend; default 1)")
     share.add_argument("--count", type=int, default=1, help="pages (default 1)")
     share.add_argument("--readonly", action="store_true", help="grant read-only")
     share.add_argument("--text", default="", help="write this text at the start of the first page")
-    share.add_argument("--json", action="store_true")
     share.add_argument("--once", action="store_true", help="print and exit (releasing the pages) instead of holding")
 
-    map_ = commands.add_parser("map", help="map a domain's grant and dump it")
+    map_ = command("map", "map a domain's grant and dump it")
     map_.add_argument("--domain", type=int, required=True, help="the granting domain")
     map_.add_argument("--ref", type=int, required=True, action="append", help="grant ref (repeatable for several pages)")
     map_.add_argument("--as-domain", type=int, default=None, help="act as this domain (emulated backend; default 2)")
     map_.add_argument("--bytes", type=int, default=64, help="how many bytes to dump (default 64)")
     map_.add_argument("--write", default=None, help="write this text at offset 0 (needs a writable grant)")
-    map_.add_argument("--json", action="store_true")
 
-    watch = commands.add_parser("watch", help="bind an event channel and print its events until Ctrl-C")
+    watch = command("watch", "bind an event channel and print its events until Ctrl-C")
     watch.add_argument("--as-domain", type=int, default=None, help="act as this domain (emulated backend)")
     watch.add_argument("--remote-domain", type=int, required=True)
     watch.add_argument("--remote-port", type=int, default=None, help="bind interdomain to this port (default: allocate an unbound port)")
     watch.add_argument("--count", type=int, default=0, help="exit after this many events (default: never)")
-    watch.add_argument("--json", action="store_true", help="one JSON object per line")
 
-    notify = commands.add_parser("notify", help="bind to a remote port and notify it")
+    notify = command("notify", "bind to a remote port and notify it")
     notify.add_argument("--as-domain", type=int, default=None, help="act as this domain (emulated backend)")
     notify.add_argument("--remote-domain", type=int, required=True)
     notify.add_argument("--remote-port", type=int, required=True)
-    notify.add_argument("--times", type=int, default=1)
+    notify.add_argument("--times", type=int, default=1, help="notifications to send (default 1)")
+    for each in (parser, common, *commands.choices.values()):
+        assert isinstance(each, _Parser)
+        each.json_errors = json_errors
     return parser
 
 
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=None, sort_keys=True), flush=True)
+
+
+def _print_error_json(
+    command: str | None, code: int, operation: str, message: str, *, detail: str = "", grpc_code: str | None = None,
+    gntst: int | None = None, gntst_name: str | None = None,
+) -> None:
+    """One failure as the one JSON object on stderr (see the epilog)."""
+    from grant_broker_protocol.errors import errno_name
+    from grant_broker_protocol.status import status_code_for
+
+    error = {
+        "command": command,
+        "operation": operation,
+        "errno": code,
+        "errno_name": errno_name(code),
+        "grpc_code": grpc_code or status_code_for(code).name,
+        "message": message,
+        "detail": detail,
+        "gntst": gntst,
+        "gntst_name": gntst_name,
+    }
+    print(json.dumps({"error": error}, sort_keys=True), file=sys.stderr, flush=True)
+
+
+def _report(args: argparse.Namespace, exc: Exception) -> None:
+    """Say why the command failed: a line of text, or the JSON error with --json."""
+    if not args.json:
+        print(f"grant-broker {args.command}: {exc}", file=sys.stderr)
+    elif isinstance(exc, BrokerError):
+        code = getattr(exc, "code", None)  # a BrokerClientError's gRPC status
+        _print_error_json(
+            args.command, exc.errno, exc.operation, str(exc), detail=exc.detail,
+            grpc_code=getattr(code, "name", None), gntst=exc.gntst, gntst_name=exc.gntst_name,
+        )
+    else:  # a ValueError: arguments the command or the SDK refused before any call
+        _print_error_json(args.command, errno.EINVAL, _CHECK_OPERATION, str(exc))
 
 
 def _hexdump(data: bytes) -> str:
@@ -120,8 +209,10 @@ def _hexdump(data: bytes) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
-    from grant_broker.service.server import ServerConfig, serve
-    from grant_broker.service.session import Limits, Policy
+    from grant_broker.daemon.run import serve
+    from grant_broker.daemon.server import ServerConfig
+    from grant_broker.core.policy import Limits, Policy
+    from grant_broker_protocol.endpoints import fd_channel_path
 
     quotas = {
         "max_grants_per_session": args.max_grants_per_session,
@@ -131,7 +222,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         socket_path=args.socket or _socket_default(),
         backend=args.backend,
-        socket_mode=int(args.socket_mode, 8),
+        socket_mode=args.socket_mode,
         grace_seconds=args.grace,
         policy=Policy(allowed_uids=frozenset(args.allow_uid), allowed_gids=frozenset(args.allow_gid)),
         limits=limits,
@@ -140,7 +231,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(server: Any) -> None:
         caps = server.capabilities
         features = [name for name in ("gntdev", "gntalloc", "evtchn", "grant_copy", "dmabuf", "set_max_grants") if getattr(caps, name)]
-        print(f"grant-broker {__version__} listening on {config.socket_path} (fd channel {config.socket_path}.fds)", flush=True)
+        if args.json:
+            _print_json({
+                "event": "listening", "version": __version__, "socket": config.socket_path,
+                "fd_channel": fd_channel_path(config.socket_path), "backend": caps.backend, "capabilities": features,
+                "membuf_abi": caps.membuf_abi.value if caps.membuf_abi else None, "any_domain": caps.any_domain,
+                "notes": list(caps.notes),
+            })
+            return
+        print(f"grant-broker {__version__} listening on {config.socket_path} (fd channel {fd_channel_path(config.socket_path)})",
+              flush=True)
         print(f"backend: {caps.backend}; capabilities: {', '.join(features)}"
               f"{'; mem-buf ABI ' + caps.membuf_abi.value if caps.membuf_abi else '; no mem-buf'}"
               f"{'; sessions may choose their domain' if caps.any_domain else ''}", flush=True)
@@ -155,7 +255,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
     import grpc
 
     from grant_broker_protocol.v1 import broker_pb2, broker_pb2_grpc
-    from grant_broker_client.errors import from_rpc_error
+    from grant_broker_client.errors import BrokerClientError, from_rpc_error
     from google.protobuf.json_format import MessageToDict
 
     path = args.socket or _socket_default()
@@ -164,7 +264,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
             status = await broker_pb2_grpc.BrokerStub(channel).Status(broker_pb2.StatusRequest(), timeout=10)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                raise BrokerError(111, "status", f"no broker answers on {path}") from None
+                raise BrokerClientError(errno.ECONNREFUSED, "status", f"no broker answers on {path}", code=exc.code()) from None
             raise from_rpc_error(exc) from None
     if args.json:
         _print_json(MessageToDict(status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
@@ -269,12 +369,16 @@ async def cmd_notify(args: argparse.Namespace) -> int:
         port = await session.evtchn.bind_interdomain(args.remote_domain, args.remote_port)
         for _ in range(args.times):
             await session.evtchn.notify(port)
+        if args.json:
+            _print_json({"domain": session.domid, "port": port, "remote_domain": args.remote_domain,
+                         "remote_port": args.remote_port, "times": args.times})
+            return EXIT_OK
         print(f"domain {session.domid} notified port {args.remote_port} of domain {args.remote_domain} "
               f"{args.times} time(s) through local port {port}")
     return EXIT_OK
 
 
-_ASYNC_COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
+_ASYNC_COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "status": cmd_status,
     "share": cmd_share,
     "map": cmd_map,
@@ -284,7 +388,8 @@ _ASYNC_COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(json_errors="--json" in argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command is None:
@@ -299,10 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_OK
     except BrokerError as exc:
-        print(f"grant-broker {args.command}: {exc}", file=sys.stderr)
+        _report(args, exc)
         return EXIT_ERROR
     except ValueError as exc:
-        print(f"grant-broker {args.command}: {exc}", file=sys.stderr)
+        _report(args, exc)
         return EXIT_USAGE
 
 

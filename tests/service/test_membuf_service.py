@@ -6,7 +6,7 @@ import asyncio
 import errno
 import mmap
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
@@ -97,3 +97,17 @@ async def test_export_of_something_that_is_not_a_dma_buf_is_einval(primary: Sess
         with pytest.raises(BrokerClientError) as raised:
             await primary.membuf.export(read_end, ACL)
     assert raised.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("operation", ["alloc", "export", "import"])
+async def test_an_error_names_its_operation_once(primary: Session, operation: str) -> None:
+    with dma_buf(b"x") as buffer:
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "alloc": lambda: primary.membuf.alloc(PAGE_SIZE, []),
+            "export": lambda: primary.membuf.export(buffer, []),
+            "import": lambda: primary.membuf.import_(1, []),
+        }
+        with pytest.raises(BrokerClientError) as raised:
+            await calls[operation]()
+    assert raised.value.operation == f"mem-buf {operation}"
+    assert str(raised.value).startswith(f"mem-buf {operation}: Invalid argument (EINVAL): an ACL needs 1..16 entries")

@@ -234,12 +234,12 @@ def _type_data(mem_type: int, heap_id: int) -> mem_buf_ion_data:
 
 # Why the driver answers EINVAL, per operation (it says no more than the errno).
 _EINVAL_HINTS = {
-    "alloc": "the driver or the remote VM refused the request",
-    "export": "not an exportable dma-buf (a cached, non-secure ION buffer nobody has mmapped), or already exported",
-    "import": "the resource manager refused it: no such memparcel (never exported, or its export fd closed), "
+    "mem-buf alloc": "the driver or the remote VM refused the request",
+    "mem-buf export": "not an exportable dma-buf (a cached, non-secure ION buffer nobody has mmapped), or already exported",
+    "mem-buf import": "the resource manager refused it: no such memparcel (never exported, or its export fd closed), "
               "this VM not in its ACL, or an ACL other than the memparcel's",
 }
-_ROLES = {"alloc": "consumer", "export": "supplier", "import": "consumer"}
+_ROLES = {"mem-buf alloc": "consumer", "mem-buf export": "supplier", "mem-buf import": "consumer"}
 
 
 def _failure(exc: OSError, operation: str, detail: str) -> BrokerError:
@@ -360,7 +360,7 @@ class RealMemBufDevice(MemBufDevice):
         dst_mem_type: int = 0,
         dst_heap_id: int = 0,
     ) -> OwnedFd:
-        op = "alloc"
+        op = "mem-buf alloc"
         check_alloc(
             op, size, acl,
             src_mem_type=src_mem_type, src_heap_id=src_heap_id, dst_mem_type=dst_mem_type, dst_heap_id=dst_heap_id,
@@ -383,7 +383,7 @@ class RealMemBufDevice(MemBufDevice):
         return self._adopt(arg.mem_buf_fd, op, "mem_buf_fd", detail)
 
     def export(self, dma_buf_fd: int, acl: Sequence[AclEntry]) -> MemparcelExport:
-        op = "export"
+        op = "mem-buf export"
         check_acl_count(acl, op)
         # The driver looks the dma-buf up (dma_buf_get: EBADF) before it reads
         # the entries; the contract keeps that order.
@@ -405,7 +405,7 @@ class RealMemBufDevice(MemBufDevice):
         return MemparcelExport(export_fd=export_fd, memparcel_hdl=arg.memparcel_hdl)
 
     def import_memparcel(self, memparcel_hdl: int, acl: Sequence[AclEntry]) -> OwnedFd:
-        op = "import"
+        op = "mem-buf import"
         if not 0 <= memparcel_hdl <= U32_MAX:
             raise membuf_error(errno.EINVAL, op, f"memparcel handle {memparcel_hdl} does not fit in a __u32")
         check_acl_count(acl, op)

@@ -5,6 +5,10 @@ takes 1..``MEM_BUF_MAX_NR_ACL_ENTS`` entries, VMIDs it knows and perms within
 ``MEM_BUF_PERM_VALID_FLAGS``; the contract also refuses perms of 0, which the
 driver would pass on to the resource manager.  Every violation is EINVAL with
 a detail naming the entry.
+
+Each check takes the operation as its caller names it (``"mem-buf alloc"``,
+``"mem-buf export"``, ``"mem-buf import"``) and raises with exactly that name:
+the backends and the service share these rules, so none of them adds a prefix.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
 
 def membuf_error(code: int, operation: str, detail: str) -> BrokerError:
-    return BrokerError(code, f"mem-buf {operation}", detail)
+    """The error of *operation*, named in full (``"mem-buf alloc"``)."""
+    return BrokerError(code, operation, detail)
 
 
 def vmid_name(vmid: int) -> str:

@@ -122,7 +122,7 @@ class MemparcelRegistry:
     # ----------------------------------------------------------- device side
 
     def _export(self, exporter_vmid: int, dma_buf_fd: int, acl: Sequence[AclEntry]) -> MemparcelExport:
-        op = "export"
+        op = "mem-buf export"
         check_acl_count(acl, op)
         try:
             st = os.fstat(dma_buf_fd)
@@ -163,7 +163,7 @@ class MemparcelRegistry:
             return MemparcelExport(export_fd=export_fd, memparcel_hdl=hdl)
 
     def _import(self, importer_vmid: int, memparcel_hdl: int, acl: Sequence[AclEntry]) -> OwnedFd:
-        op = "import"
+        op = "mem-buf import"
         check_acl_count(acl, op)
         acl_set = check_acl_entries(acl, op)
         with self._lock:
@@ -264,7 +264,7 @@ class EmulatedMemBufDevice(MemBufDevice):
         dst_mem_type: int = 0,
         dst_heap_id: int = 0,
     ) -> OwnedFd:
-        op = "alloc"
+        op = "mem-buf alloc"
         self._check_open(op)
         check_alloc(
             op, size, acl,
@@ -275,17 +275,17 @@ class EmulatedMemBufDevice(MemBufDevice):
             os.ftruncate(fd.fileno(), size)
         except OSError as exc:
             fd.close()
-            raise BrokerError.from_oserror(exc, f"mem-buf {op}", f"{size} bytes") from exc
+            raise BrokerError.from_oserror(exc, op, f"{size} bytes") from exc
         return fd
 
     def export(self, dma_buf_fd: int, acl: Sequence[AclEntry]) -> MemparcelExport:
-        self._check_open("export")
+        self._check_open("mem-buf export")
         return self._registry._export(self.vmid, dma_buf_fd, acl)
 
     def import_memparcel(self, memparcel_hdl: int, acl: Sequence[AclEntry]) -> OwnedFd:
-        self._check_open("import")
+        self._check_open("mem-buf import")
         if not 0 <= memparcel_hdl <= U32_MAX:
-            raise membuf_error(errno.EINVAL, "import", f"memparcel handle {memparcel_hdl} does not fit in a __u32")
+            raise membuf_error(errno.EINVAL, "mem-buf import", f"memparcel handle {memparcel_hdl} does not fit in a __u32")
         return self._registry._import(self.vmid, memparcel_hdl, acl)
 
     @property
