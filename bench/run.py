@@ -9,13 +9,21 @@ unless ``--json`` says otherwise).  Progress goes to stderr.
 Figures (see README, "Performance"):
 
 1. map round trip — map one grant, receive its fd, mmap it, read the first
-   byte; against a bare grpc.aio unary call and the SEQPACKET + SCM_RIGHTS floor;
+   byte; against a bare grpc.aio unary call and the two SEQPACKET + SCM_RIGHTS
+   floors (blocking on both ends, and uvloop server / asyncio client);
 2. batched map — grants mapped per second with 1024-ref batches;
 3. event latency (one subscriber) and fan-out (many subscribers of one port);
 4. grant copy bandwidth, 4 KiB .. 1 MiB, through a registered copy buffer and
    through protobuf bytes, against memcpy in this process;
 5. scale — sessions each holding mappings (broker RSS and fds per session),
    then thousands of calls in flight at once across client processes.
+
+Figures 1-4 (but grant copy) are measured twice: over gRPC (``map_round_trip``,
+``batched_map``, ``event_latency_1``, ``event_fanout``: sessions opened with
+``fast_path=False``) and over the fast path, calls as frames on the session's
+fd channel (``map_fast``, ``batched_map_fast``, ``event_fast``,
+``event_fanout_fast``), whose targets are against the asyncio floor
+``seqpacket_fd_async``.  Grant copy and scale are gRPC figures.
 
 Latency samples are taken in interleaved rounds (broker, then its baselines,
 round after round) so that a slow spell of the machine hits all of them alike;
@@ -53,7 +61,7 @@ import grpc  # noqa: E402
 import uvloop  # noqa: E402
 
 import grant_broker_client  # noqa: E402
-from bench.baselines import ECHO_METHOD, SeqpacketClient, memcpy_seconds
+from bench.baselines import ECHO_METHOD, AsyncSeqpacketClient, SeqpacketClient, memcpy_seconds
 from grant_broker_client.gntdev import CopySegment, Foreign, Local
 
 KIB = 1024
@@ -209,14 +217,39 @@ class Child:
         return self.process.returncode
 
 
-def start_broker(socket_path: str, log_dir: Path, subscribers: int, profile: Path | None = None) -> Child:
+def broker_limits(plan: Plan) -> dict[str, int]:
+    """The broker's limits the plan needs (``serve --limit``), never below the defaults.
+
+    Every client of the benchmark runs as one uid, so the per-uid budgets —
+    there so that one user cannot starve the others — would refuse what the
+    figures ask: a thousand sessions, 1024-page allocations, a thousand
+    subscriptions of one session, thousands of calls in flight.  They are
+    raised to what the plan uses; the broker still counts and checks them."""
+    subscriptions = plan.subscribers + 8
+    pages = max(plan.batch_refs, max(plan.copy_sizes) // PAGE, plan.mappings)
+    return {
+        "max_subscriptions_per_session": max(64, subscriptions),
+        "max_subscriptions_per_uid": max(256, 2 * subscriptions),
+        # A fast-path subscription is a call in flight of its session for as
+        # long as it lives (each holds one of the session's call slots).
+        "max_fast_calls_in_flight": max(256, subscriptions + 64),
+        "max_calls_per_session": max(1024, subscriptions + 64),
+        "max_calls_per_uid": max(4096, plan.in_flight + 2 * subscriptions + 1024),
+        "max_pool_pages_per_session": max(256, pages),
+        "max_pool_pages_per_uid": max(512, 2 * pages + plan.mappings + 16),
+        "max_sessions_per_uid": max(256, plan.sessions + 64),
+        "max_sessions": max(4096, plan.sessions + 64),
+    }
+
+
+def start_broker(socket_path: str, log_dir: Path, plan: Plan, profile: Path | None = None) -> Child:
     # Under cProfile when asked: the broker exits cleanly on SIGTERM, which
     # is when cProfile writes its statistics.
     profiler = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
+    limits = [arg for name, value in broker_limits(plan).items() for arg in ("--limit", f"{name}={value}")]
     argv = [
         sys.executable, *profiler, "-m", "grant_broker.cli", "--socket", socket_path, "--log-level", "warning",
-        "serve", "--backend", "emulated", "--grace", "1",
-        "--max-subscriptions-per-session", str(max(64, subscribers + 8)),
+        "serve", "--backend", "emulated", "--grace", "1", *limits,
     ]
     broker = Child("broker", argv, log_dir, ready_line=False)
     deadline = time.monotonic() + 30
@@ -319,12 +352,17 @@ class Bench:
         self.broker: Child | None = None
         self.echo_call: Any = None
         self.seqpacket: SeqpacketClient | None = None
+        self.seqpacket_async: AsyncSeqpacketClient | None = None
+        # Medians (µs) of the map round trip's rounds, for the figures measured later.
+        self.grpc_median_us = math.nan
+        self.floor_median_us = math.nan
+        self.async_floor_median_us = math.nan
 
     # ---------------------------------------------------------------- set-up
 
     async def start(self) -> None:
         progress("starting the broker and the baseline servers")
-        self.broker = start_broker(self.socket, self.workdir, self.plan.subscribers, self.profile)
+        self.broker = start_broker(self.socket, self.workdir, self.plan, self.profile)
         self.children.append(self.broker)
         echo = Child("grpc-echo", [sys.executable, "-m", "bench.baselines", "grpc-echo", str(self.workdir / "echo.sock")],
                      self.workdir, ready_line=True)
@@ -332,13 +370,20 @@ class Bench:
         floor = Child("seqpacket", [sys.executable, "-m", "bench.baselines", "seqpacket", str(self.workdir / "seq.sock")],
                       self.workdir, ready_line=True)
         self.children.append(floor)
+        async_floor = Child("seqpacket-async",
+                            [sys.executable, "-m", "bench.baselines", "seqpacket-async", str(self.workdir / "seq-async.sock")],
+                            self.workdir, ready_line=True)
+        self.children.append(async_floor)
         self.echo_channel = grpc.aio.insecure_channel(f"unix:{self.workdir / 'echo.sock'}")
         self.echo_call = self.echo_channel.unary_unary(ECHO_METHOD)
         self.seqpacket = SeqpacketClient(str(self.workdir / "seq.sock"))
+        self.seqpacket_async = AsyncSeqpacketClient(str(self.workdir / "seq-async.sock"))
 
     async def stop(self) -> None:
         if self.seqpacket is not None:
             self.seqpacket.close()
+        if self.seqpacket_async is not None:
+            self.seqpacket_async.close()
         if self.echo_call is not None:
             await self.echo_channel.close()
         for child in reversed(self.children):
@@ -346,8 +391,14 @@ class Bench:
             if child is self.broker and code not in (0, None):
                 progress(f"the broker exited with {code}: {child.log_tail()}")
 
-    async def connect(self, domid: int, name: str) -> Any:
-        return await grant_broker_client.connect(self.socket, domid=domid, client_name=name)
+    async def connect(self, domid: int, name: str, *, fast_path: bool = False) -> Any:
+        """A session acting as *domid*: over gRPC (the figures from before the
+        fast path), or with its calls as frames on its fd channel."""
+        session = await grant_broker_client.connect(self.socket, domid=domid, client_name=name, fast_path=fast_path)
+        if session.fast_path != fast_path:
+            await session.close()
+            raise RuntimeError(f"session {name}: fast path {'not offered by the broker' if fast_path else 'used unasked'}")
+        return session
 
     async def bare_grpc(self) -> None:
         await self.echo_call(b"grant-broker-bench")
@@ -355,6 +406,15 @@ class Bench:
     async def floor(self) -> None:
         assert self.seqpacket is not None
         self.seqpacket.round_trip()
+
+    async def floor_async(self) -> None:
+        assert self.seqpacket_async is not None
+        await self.seqpacket_async.round_trip()
+
+    def vs_floors(self, value_us: float) -> dict[str, Any]:
+        """``extra`` of a fast-path figure: its ratio to the blocking floor too."""
+        return {"vs_seqpacket_fd": ratio(value_us, self.floor_median_us), "seqpacket_fd_us": self.floor_median_us,
+                "seqpacket_fd_async_us": self.async_floor_median_us}
 
     def add(self, figure: Figure) -> None:
         self.figures.append(figure)
@@ -366,35 +426,49 @@ class Bench:
     # ---------------------------------------------------------------- 1. map round trip
 
     async def map_round_trip(self) -> None:
+        """The map round trip over gRPC and over the fast path, in the same
+        interleaved rounds as the bare gRPC call and both SEQPACKET floors."""
         plan = self.plan
-        progress(f"map round trip: {plan.rounds - 1} rounds of {plan.per_round} (+1 warm-up round), with both floors")
+        progress(f"map round trip, gRPC and fast path: {plan.rounds - 1} rounds of {plan.per_round} "
+                 "(+1 warm-up round), with the bare gRPC call and both floors")
         sharer, mapper = await self.connect(1, "bench-sharer"), await self.connect(2, "bench-mapper")
+        fast_mapper = await self.connect(2, "bench-fast-mapper", fast_path=True)
         try:
             async with await sharer.gntalloc.share(2, 1) as pages:
                 pages.view[0] = 0x5A
                 ref = pages.refs[0]
 
-                async def map_one() -> Any:
-                    mapping = await mapper.gntdev.map([(1, ref)], writable=False)
-                    if mapping.view[0] != 0x5A:
-                        raise AssertionError("the mapped page does not hold the granter's byte")
-                    return mapping
+                def mapper_of(session: Any) -> Callable[[], Awaitable[Any]]:
+                    async def map_one() -> Any:
+                        mapping = await session.gntdev.map([(1, ref)], writable=False)
+                        if mapping.view[0] != 0x5A:
+                            raise AssertionError("the mapped page does not hold the granter's byte")
+                        return mapping
+
+                    return map_one
 
                 async def unmap(kind: str, result: Any) -> None:
-                    if kind == "broker":
+                    if kind in ("broker", "fast"):
                         await result.aclose()
 
                 samples = await timed_rounds(
-                    {"broker": map_one, "grpc": self.bare_grpc, "seqpacket": self.floor}, plan.rounds, plan.per_round, unmap
+                    {"broker": mapper_of(mapper), "grpc": self.bare_grpc, "seqpacket": self.floor,
+                     "fast": mapper_of(fast_mapper), "seqpacket_async": self.floor_async},
+                    plan.rounds, plan.per_round, unmap,
                 )
         finally:
             await sharer.close()
             await mapper.close()
+            await fast_mapper.close()
         grpc_time = Summary.of(us(samples["grpc"]))
         floor_time = Summary.of(us(samples["seqpacket"]))
+        async_floor = Summary.of(us(samples["seqpacket_async"]))
         self.baselines["grpc_unary_us"] = dataclasses.asdict(grpc_time)
         self.baselines["seqpacket_fd_us"] = dataclasses.asdict(floor_time)
+        self.baselines["seqpacket_fd_async_us"] = dataclasses.asdict(async_floor)
         self.grpc_median_us = grpc_time.median
+        self.floor_median_us = floor_time.median
+        self.async_floor_median_us = async_floor.median
         broker = Summary.of(us(samples["broker"]))
         self.add(Figure(
             "map_round_trip", "map round trip (1 grant: map, fd, mmap, read)", "µs", broker.median, broker,
@@ -402,9 +476,20 @@ class Bench:
             broker.median <= 1.3 * grpc_time.median,
             {"vs_seqpacket_floor": ratio(broker.median, floor_time.median), "seqpacket_floor_us": floor_time.median},
         ))
+        fast = Summary.of(us(samples["fast"]))
+        self.add(Figure(
+            "map_fast", "map round trip, fast path (1 grant: map, fd, mmap, read)", "µs", fast.median, fast,
+            async_floor.median, "seqpacket_fd_async", ratio(fast.median, async_floor.median), "≤ 1.5x seqpacket_fd_async",
+            fast.median <= 1.5 * async_floor.median,
+            {**self.vs_floors(fast.median), "vs_map_round_trip_grpc": ratio(fast.median, broker.median)},
+        ))
         self.add(Figure("baseline_grpc_unary", "baseline: bare grpc.aio unary call", "µs", grpc_time.median, grpc_time))
         self.add(Figure("baseline_seqpacket_fd", "baseline: SEQPACKET request + fd (+mmap, read)", "µs",
                         floor_time.median, floor_time))
+        self.add(Figure(
+            "baseline_seqpacket_fd_async", "baseline: SEQPACKET request + fd (+mmap, read), uvloop + asyncio", "µs",
+            async_floor.median, async_floor, floor_time.median, "seqpacket_fd", ratio(async_floor.median, floor_time.median),
+        ))
 
     # ---------------------------------------------------------------- 2. batched map
 
@@ -412,10 +497,43 @@ class Bench:
         plan = self.plan
         refs_per_batch = plan.batch_refs
         progress(f"batched map: {plan.batch_reps} batches of {refs_per_batch} refs (+warm-up), each mapped then unmapped")
-        sharer, mapper = await self.connect(3, "bench-batch-sharer"), await self.connect(4, "bench-batch-mapper")
+        cycle, mapped_only = await self._batches(3, 4, fast_path=False)
+        rate = refs_per_batch / (cycle.median / 1e6)
+        ceiling = refs_per_batch / (self.grpc_median_us / 1e6)
+        self.add(Figure(
+            "batched_map", f"batched map ({refs_per_batch} refs, map+unmap)", "grants/s", rate, cycle,
+            ceiling, "1024 refs per bare gRPC call", ratio(rate, ceiling), "≥ 100,000 grants/s", rate >= 100_000,
+            {"map_only_us": dataclasses.asdict(mapped_only), "map_only_grants_per_s": refs_per_batch / (mapped_only.median / 1e6)},
+        ))
+
+    async def batched_map_fast(self) -> None:
+        plan = self.plan
+        refs_per_batch = plan.batch_refs
+        progress(f"batched map, fast path: {plan.batch_reps} batches of {refs_per_batch} refs (+warm-up), each mapped "
+                 "then unmapped")
+        cycle, mapped_only = await self._batches(30, 31, fast_path=True)
+        rate = refs_per_batch / (cycle.median / 1e6)
+        # As the gRPC figure: the batch at the price of one round trip of the floor.
+        ceiling = refs_per_batch / (self.async_floor_median_us / 1e6)
+        blocking_ceiling = refs_per_batch / (self.floor_median_us / 1e6)
+        self.add(Figure(
+            "batched_map_fast", f"batched map, fast path ({refs_per_batch} refs, map+unmap)", "grants/s", rate, cycle,
+            ceiling, f"{refs_per_batch} refs per seqpacket_fd_async round trip", ratio(rate, ceiling),
+            "≥ 500,000 grants/s", rate >= 500_000,
+            {"vs_seqpacket_fd": ratio(rate, blocking_ceiling), "seqpacket_fd_us": self.floor_median_us,
+             "seqpacket_fd_async_us": self.async_floor_median_us,
+             "map_only_us": dataclasses.asdict(mapped_only), "map_only_grants_per_s": refs_per_batch / (mapped_only.median / 1e6)},
+        ))
+
+    async def _batches(self, granter: int, domid: int, *, fast_path: bool) -> tuple[Summary, Summary]:
+        """µs of map + unmap, and of the map alone, of plan.batch_refs refs at a time."""
+        plan = self.plan
+        refs_per_batch = plan.batch_refs
+        sharer = await self.connect(granter, "bench-batch-sharer")
+        mapper = await self.connect(domid, "bench-batch-mapper", fast_path=fast_path)
         try:
-            async with await sharer.gntalloc.share(4, refs_per_batch) as pages:
-                refs = [(3, ref) for ref in pages.refs]
+            async with await sharer.gntalloc.share(domid, refs_per_batch) as pages:
+                refs = [(granter, ref) for ref in pages.refs]
                 map_times: list[float] = []
                 cycle_times: list[float] = []
                 clock = time.perf_counter
@@ -434,29 +552,25 @@ class Bench:
         finally:
             await sharer.close()
             await mapper.close()
-        cycle = Summary.of(us(cycle_times))
-        mapped_only = Summary.of(us(map_times))
-        rate = refs_per_batch / (cycle.median / 1e6)
-        ceiling = refs_per_batch / (self.grpc_median_us / 1e6)
-        self.add(Figure(
-            "batched_map", f"batched map ({refs_per_batch} refs, map+unmap)", "grants/s", rate, cycle,
-            ceiling, "1024 refs per bare gRPC call", ratio(rate, ceiling), "≥ 100,000 grants/s", rate >= 100_000,
-            {"map_only_us": dataclasses.asdict(mapped_only), "map_only_grants_per_s": refs_per_batch / (mapped_only.median / 1e6)},
-        ))
+        return Summary.of(us(cycle_times)), Summary.of(us(map_times))
 
     # ---------------------------------------------------------------- 3. events
 
-    async def _event_pair(self, listener_domid: int, notifier_domid: int) -> tuple[Any, Any, int, int]:
-        listener = await self.connect(listener_domid, "bench-listener")
-        notifier = await self.connect(notifier_domid, "bench-notifier")
+    async def _event_pair(
+        self, listener_domid: int, notifier_domid: int, *, fast_path: bool = False
+    ) -> tuple[Any, Any, int, int]:
+        listener = await self.connect(listener_domid, "bench-listener", fast_path=fast_path)
+        notifier = await self.connect(notifier_domid, "bench-notifier", fast_path=fast_path)
         offered = await listener.evtchn.bind_unbound_port(notifier_domid)
         port = await notifier.evtchn.bind_interdomain(listener_domid, offered)
         return listener, notifier, offered, port
 
-    async def event_latency(self) -> None:
+    async def _event_rounds(
+        self, listener_domid: int, notifier_domid: int, fast_path: bool, baselines: dict[str, Callable[[], Awaitable[Any]]]
+    ) -> dict[str, list[float]]:
+        """Notify -> the subscriber has the event, interleaved with *baselines*."""
         plan = self.plan
-        progress(f"event latency, one subscriber: {plan.rounds - 1} rounds of {plan.per_round} (+1 warm-up), with bare gRPC")
-        listener, notifier, offered, port = await self._event_pair(10, 11)
+        listener, notifier, offered, port = await self._event_pair(listener_domid, notifier_domid, fast_path=fast_path)
         try:
             async with listener.evtchn.subscribe(ports=[offered]) as events:
 
@@ -473,12 +587,17 @@ class Bench:
                     if kind == "broker":
                         await sent
 
-                samples = await timed_rounds(
-                    {"broker": notify_and_receive, "grpc": self.bare_grpc}, plan.rounds, plan.per_round, reply
+                return await timed_rounds(
+                    {"broker": notify_and_receive, **baselines}, plan.rounds, plan.per_round, reply
                 )
         finally:
             await listener.close()
             await notifier.close()
+
+    async def event_latency(self) -> None:
+        plan = self.plan
+        progress(f"event latency, one subscriber: {plan.rounds - 1} rounds of {plan.per_round} (+1 warm-up), with bare gRPC")
+        samples = await self._event_rounds(10, 11, False, {"grpc": self.bare_grpc})
         broker = Summary.of(us(samples["broker"]))
         grpc_time = Summary.of(us(samples["grpc"]))
         self.add(Figure(
@@ -487,11 +606,51 @@ class Bench:
             broker.median <= 1.5 * grpc_time.median,
         ))
 
+    async def event_fast(self) -> None:
+        plan = self.plan
+        progress(f"event latency, fast path, one subscriber: {plan.rounds - 1} rounds of {plan.per_round} (+1 warm-up), "
+                 "with both floors")
+        samples = await self._event_rounds(14, 15, True, {"seqpacket_async": self.floor_async, "seqpacket": self.floor})
+        fast = Summary.of(us(samples["broker"]))
+        async_floor = Summary.of(us(samples["seqpacket_async"]))
+        floor_time = Summary.of(us(samples["seqpacket"]))
+        self.add(Figure(
+            "event_fast", "event latency, fast path, 1 subscriber (notify -> PortFired)", "µs", fast.median, fast,
+            async_floor.median, "seqpacket_fd_async", ratio(fast.median, async_floor.median), "≤ 1.5x seqpacket_fd_async",
+            fast.median <= 1.5 * async_floor.median,
+            # Both floors measured in this figure's own rounds, as event_latency_1 measures its bare call.
+            {"vs_seqpacket_fd": ratio(fast.median, floor_time.median), "seqpacket_fd_us": floor_time.median,
+             "seqpacket_fd_async_us": async_floor.median, "seqpacket_fd_async_p99_us": async_floor.p99},
+        ))
+
     async def event_fanout(self) -> None:
+        count = self.plan.subscribers
+        progress(f"event fan-out: {count} subscribers of one port, {self.plan.fanout_reps} notifications (+warm-up)")
+        each, everyone = await self._fanout(12, 13, fast_path=False)
+        self.add(Figure(
+            "event_fanout", f"event fan-out, {count} subscribers: p99 per subscriber", "µs", each.p99, each,
+            self.grpc_median_us, "bare gRPC unary", ratio(each.p99, self.grpc_median_us), "p99 reported",
+            None, {"subscribers": count, "all_delivered_us": dataclasses.asdict(everyone)},
+        ))
+
+    async def event_fanout_fast(self) -> None:
+        count = self.plan.subscribers
+        progress(f"event fan-out, fast path: {count} subscribers of one port, {self.plan.fanout_reps} notifications "
+                 "(+warm-up)")
+        each, everyone = await self._fanout(16, 17, fast_path=True)
+        self.add(Figure(
+            "event_fanout_fast", f"event fan-out, fast path, {count} subscribers: p99 per subscriber", "µs", each.p99, each,
+            self.async_floor_median_us, "seqpacket_fd_async", ratio(each.p99, self.async_floor_median_us),
+            "p99 ≤ 20 ms", each.p99 <= 20_000,
+            {**self.vs_floors(each.p99), "subscribers": count, "all_delivered_us": dataclasses.asdict(everyone)},
+        ))
+
+    async def _fanout(self, listener_domid: int, notifier_domid: int, *, fast_path: bool) -> tuple[Summary, Summary]:
+        """*plan.subscribers* subscriptions of one port in one session; µs from
+        each notify to each subscriber having it, and to the last one having it."""
         plan = self.plan
         count = plan.subscribers
-        progress(f"event fan-out: {count} subscribers of one port, {plan.fanout_reps} notifications (+warm-up)")
-        listener, notifier, offered, port = await self._event_pair(12, 13)
+        listener, notifier, offered, port = await self._event_pair(listener_domid, notifier_domid, fast_path=fast_path)
         per_subscriber: list[float] = []
         last: list[float] = []
         try:
@@ -534,13 +693,7 @@ class Bench:
         finally:
             await listener.close()
             await notifier.close()
-        each = Summary.of(us(per_subscriber))
-        everyone = Summary.of(us(last))
-        self.add(Figure(
-            "event_fanout", f"event fan-out, {count} subscribers: p99 per subscriber", "µs", each.p99, each,
-            self.grpc_median_us, "bare gRPC unary", ratio(each.p99, self.grpc_median_us), "p99 reported",
-            None, {"subscribers": count, "all_delivered_us": dataclasses.asdict(everyone)},
-        ))
+        return Summary.of(us(per_subscriber)), Summary.of(us(last))
 
     # ---------------------------------------------------------------- 4. grant copy
 
@@ -648,7 +801,7 @@ class Bench:
             progress(f"the broker exited with {code}: {self.broker.log_tail()}")
         self.children.remove(self.broker)
         profile = self.profile.with_name(self.profile.name + ".scale") if self.profile is not None else None
-        self.broker = start_broker(self.socket, self.workdir, self.plan.subscribers, profile)
+        self.broker = start_broker(self.socket, self.workdir, self.plan, profile)
         self.children.append(self.broker)
         pid = self.broker.pid
         workers = max(1, min(plan.workers, plan.sessions))
@@ -665,7 +818,8 @@ class Bench:
                     await asyncio.create_subprocess_exec(
                         sys.executable, "-m", "bench.scale_worker",
                         json.dumps({"socket": self.socket, "sessions": n, "mappings": plan.mappings, "granter": 20,
-                                    "domid": 21, "refs": list(pages.refs), "worker": w}),
+                                    "domid": 21, "refs": list(pages.refs), "worker": w,
+                                    "connect_options": {"fast_path": False}}),
                         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                         cwd=Path(__file__).resolve().parent.parent,
                     )
@@ -728,11 +882,17 @@ class Bench:
     # ---------------------------------------------------------------- all
 
     async def run(self, only: set[str] | None = None) -> None:
-        await self.map_round_trip()  # also measures the gRPC baseline the others use
-        for name, figure in (("batch", self.batched_map), ("events", self.event_latency), ("fanout", self.event_fanout),
-                             ("copy", self.grant_copy), ("scale", self.scale)):
+        await self.map_round_trip()  # also measures the baselines the others use, and map_fast
+        for name, figures in (
+            ("batch", (self.batched_map, self.batched_map_fast)),
+            ("events", (self.event_latency, self.event_fast)),
+            ("fanout", (self.event_fanout, self.event_fanout_fast)),
+            ("copy", (self.grant_copy,)),
+            ("scale", (self.scale,)),
+        ):
             if only is None or name in only:
-                await figure()
+                for figure in figures:
+                    await figure()
 
 
 def _size(size: int) -> str:
@@ -836,8 +996,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-broker", type=Path, default=None, metavar="PATH",
                         help="run the broker under cProfile and write its statistics to PATH (read with python -m pstats)")
     parser.add_argument("--only", default=None, metavar="FIGURES",
-                        help="comma-separated subset of: map,batch,events,fanout,copy,scale (the map round trip, which "
-                             "measures the gRPC baseline, always runs)")
+                        help="comma-separated subset of: map,batch,events,fanout,copy,scale, each over gRPC and (but "
+                             "copy and scale) the fast path (the map round trip, which measures the baselines, always runs)")
     tune = parser.add_argument_group("overrides (for the smoke test and experiments)")
     for name in ("rounds", "per_round", "batch_reps", "subscribers", "fanout_reps", "copy_reps", "sessions", "mappings",
                  "in_flight", "workers", "pipeline_depth"):

@@ -18,13 +18,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 SIZES = ("4KiB", "16KiB", "64KiB", "256KiB", "1MiB")
+# The fast path's figures (sessions whose calls are frames on the fd channel),
+# judged against the asyncio floor.
+FAST = {"map_fast", "batched_map_fast", "event_fast", "event_fanout_fast"}
 FIGURES = {
     "map_round_trip",
     "baseline_grpc_unary",
     "baseline_seqpacket_fd",
+    "baseline_seqpacket_fd_async",
     "batched_map",
     "event_latency_1",
     "event_fanout",
+    *FAST,
     *(f"grant_copy_{path}_{size}" for path in ("buffer", "bytes") for size in SIZES),
     "grant_copy_buffer_1MiB_pipelined",
     "baseline_grpc_copy_ceiling",
@@ -34,11 +39,11 @@ FIGURES = {
 }
 # Figures compared with a baseline measured in the same run.
 COMPARED = {"map_round_trip", "batched_map", "event_latency_1", "event_fanout", "grant_copy_buffer_1MiB_pipelined",
-            "baseline_grpc_copy_ceiling",
+            "baseline_grpc_copy_ceiling", "baseline_seqpacket_fd_async", *FAST,
             *(f"grant_copy_{path}_{size}" for path in ("buffer", "bytes") for size in SIZES)}
 # Figures with a target the run says it meets or not.
 JUDGED = {"map_round_trip", "batched_map", "event_latency_1", "grant_copy_buffer_1MiB", "grant_copy_buffer_1MiB_pipelined",
-          "scale_rss_per_session", "scale_in_flight_failures"}
+          "scale_rss_per_session", "scale_in_flight_failures", *FAST}
 
 TINY = [
     "--quick", "--rounds", "2", "--per-round", "5", "--batch-reps", "2", "--subscribers", "5", "--fanout-reps", "2",
@@ -70,6 +75,7 @@ def test_bench_reports_every_figure_with_its_baseline(tmp_path: Path) -> None:
         assert machine[key], key
     assert _number(result["baselines"]["grpc_unary_us"]["median"])
     assert _number(result["baselines"]["seqpacket_fd_us"]["median"])
+    assert _number(result["baselines"]["seqpacket_fd_async_us"]["median"])
     assert all(_number(result["baselines"][f"memcpy_{size}_GBps"]) for size in SIZES)
 
     figures = result["figures"]
@@ -84,6 +90,11 @@ def test_bench_reports_every_figure_with_its_baseline(tmp_path: Path) -> None:
             assert _number(figure["baseline"]) and _number(figure["ratio"]), name
         if name in JUDGED:
             assert isinstance(figure["met"], bool), name
+    for name in FAST:
+        figure = figures[name]
+        assert figure["baseline_name"] == "seqpacket_fd_async" or name == "batched_map_fast", name
+        assert _number(figure["extra"]["vs_seqpacket_fd"]), name
+        assert figure["time"] is not None, name  # latencies (the batch: its map + unmap cycle)
     scale = figures["scale_rss_per_session"]["extra"]
     assert scale["sessions"] == 20 and scale["setup_failed"] == 0
     assert figures["scale_in_flight_failures"]["extra"]["calls"] == 100

@@ -67,6 +67,36 @@ def _octal_mode(text: str) -> int:
     return mode
 
 
+def _limit_setting(text: str) -> tuple[str, int | float]:
+    """``NAME=VALUE`` for ``serve --limit``: a field of ``Limits`` and a positive number of its type."""
+    import dataclasses
+
+    from grant_broker.core.policy import Limits
+
+    name, equals, value = text.partition("=")
+    fields = {field.name: field for field in dataclasses.fields(Limits)}
+    if not equals or name not in fields:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE with NAME one of: {', '.join(sorted(fields))}")
+    kind = float if isinstance(getattr(Limits(), name), float) else int
+    try:
+        number = kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name}: {value!r} is not a{'' if kind is float else 'n integer'} number") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{name}: {value!r} is not positive")
+    return name, number
+
+
+def _domain_grant(text: str) -> Any:
+    """``[uid:|gid:]N:ID[,ID...]`` for ``serve --allow-domain`` and its siblings."""
+    from grant_broker.core.policy import DomainGrant
+
+    try:
+        return DomainGrant.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser that never takes an abbreviation for an option, and
     reports a bad command line as a JSON error when ``json_errors`` is set."""
@@ -114,9 +144,29 @@ def build_parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
     serve.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get on shutdown (default 5)")
     serve.add_argument("--allow-uid", type=int, action="append", default=[], help="only these uids may open sessions (repeatable; default: whoever the socket mode lets in)")
     serve.add_argument("--allow-gid", type=int, action="append", default=[], help="... or these gids (repeatable)")
+    grant_help = "(repeatable; [uid:|gid:]N:IDS, IDS like 3,4,10-19; root and the broker's own uid: any)"
+    serve.add_argument("--allow-domain", type=_domain_grant, action="append", default=[], metavar="UID:DOMIDS",
+                       help="the domains a uid (gid:GID: its members) may act as where sessions choose their domain "
+                            "(emulated backend), reserved for it; a uid granted none may act as a domain no grant names "
+                            f"and no other uid acted as before (the first to act as one owns it) {grant_help}")
+    serve.add_argument("--allow-vmid", type=_domain_grant, action="append", default=[], metavar="UID:VMIDS",
+                       help=f"the same for mem-buf VMIDs {grant_help}")
+    serve.add_argument("--granted-domains-only", action="store_true",
+                       help="a uid granted no domain (VMID) by --allow-domain (--allow-vmid) may act as none")
+    serve.add_argument("--allow-remote", type=_domain_grant, action="append", default=[], metavar="UID:DOMIDS",
+                       help="the only remote domains a uid may map grants of, grant to and bind event channels to "
+                            f"(besides its own; a uid never named: any) {grant_help}")
+    serve.add_argument("--allow-remote-vmid", type=_domain_grant, action="append", default=[], metavar="UID:VMIDS",
+                       help=f"the only VMIDs a uid may name in mem-buf ACLs (besides its own; never named: any) {grant_help}")
     serve.add_argument("--max-grants-per-session", type=int, default=None, help="quota of mapped + shared grants per session")
     serve.add_argument("--max-subscriptions-per-session", type=int, default=None,
                        help="event-channel subscriptions (Subscribe streams) one session may hold (default 64)")
+    serve.add_argument("--limit", type=_limit_setting, action="append", default=[], metavar="NAME=VALUE",
+                       help="set any quota or per-session/per-uid budget, e.g. max_pool_pages_per_uid=1024 "
+                            "(repeatable; the names and defaults: README, Security model)")
+    serve.add_argument("--status-view", choices=["own", "all"], default="own",
+                       help="what Status shows: own (default) = administrators (root) see every session, "
+                            "others only their own uid's; all = every session to anyone who can connect")
 
     command("status", "backend, capabilities, sessions and what they hold")
 
@@ -218,14 +268,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_grants_per_session": args.max_grants_per_session,
         "max_subscriptions_per_session": args.max_subscriptions_per_session,
     }
-    limits = Limits(**{name: value for name, value in quotas.items() if value is not None})
+    settings = {name: value for name, value in quotas.items() if value is not None}
+    settings.update(dict(args.limit))
+    limits = Limits(**settings)
     config = ServerConfig(
         socket_path=args.socket or _socket_default(),
         backend=args.backend,
         socket_mode=args.socket_mode,
         grace_seconds=args.grace,
-        policy=Policy(allowed_uids=frozenset(args.allow_uid), allowed_gids=frozenset(args.allow_gid)),
+        policy=Policy(
+            allowed_uids=frozenset(args.allow_uid),
+            allowed_gids=frozenset(args.allow_gid),
+            act_as_domains=tuple(args.allow_domain),
+            act_as_vmids=tuple(args.allow_vmid),
+            remote_domains=tuple(args.allow_remote),
+            remote_vmids=tuple(args.allow_remote_vmid),
+            granted_only=args.granted_domains_only,
+        ),
         limits=limits,
+        status_view=args.status_view,
     )
 
     def ready(server: Any) -> None:
@@ -254,23 +315,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
 async def cmd_status(args: argparse.Namespace) -> int:
     import grpc
 
-    from grant_broker_protocol.v1 import broker_pb2, broker_pb2_grpc
-    from grant_broker_client.errors import BrokerClientError, from_rpc_error
+    from grant_broker_protocol.v1 import broker_pb2
+    from grant_broker_client import connect
+    from grant_broker_client.errors import BrokerClientError
     from google.protobuf.json_format import MessageToDict
 
+    # Asked within a session of its own: the broker shows a caller without
+    # one no session at all, and an administrator's session (root) every one.
     path = args.socket or _socket_default()
-    async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
-        try:
-            status = await broker_pb2_grpc.BrokerStub(channel).Status(broker_pb2.StatusRequest(), timeout=10)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                raise BrokerClientError(errno.ECONNREFUSED, "status", f"no broker answers on {path}", code=exc.code()) from None
-            raise from_rpc_error(exc) from None
+    try:
+        session = await connect(path, client_name="grant-broker status")
+    except BrokerClientError as exc:
+        if exc.code == grpc.StatusCode.UNAVAILABLE:
+            raise BrokerClientError(errno.ECONNREFUSED, "status", f"no broker answers on {path}", code=exc.code) from None
+        raise
+    async with session:
+        status = await session.call(session.broker.Status, broker_pb2.StatusRequest(), timeout=10)
+    # Its own session is not something the operator asked about.
+    kept = [s for s in status.sessions if s.session_id != session.session_id]
+    del status.sessions[:]
+    status.sessions.extend(kept)
     if args.json:
         _print_json(MessageToDict(status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
         return EXIT_OK
     caps = status.capabilities
-    print(f"grant-broker {status.version}, up {status.uptime_seconds:.0f}s, {status.open_fds} open fds")
+    # open_fds is 0 for a caller who may see only its own sessions.
+    fds = f", {status.open_fds} open fds" if status.open_fds else ""
+    print(f"grant-broker {status.version}, up {status.uptime_seconds:.0f}s{fds}")
     print(f"backend {caps.backend}: gntdev={caps.gntdev} gntalloc={caps.gntalloc} evtchn={caps.evtchn} "
           f"grant_copy={caps.grant_copy} dmabuf={caps.dmabuf} set_max_grants={caps.set_max_grants} "
           f"membuf={caps.membuf_abi or 'none'}")

@@ -270,9 +270,10 @@ class Subscribing:
         except BaseException:
             call.cancel()
             raise
-        if first is grpc.aio.EOF or first.WhichOneof("kind") != "subscribed":
+        ended = first is grpc.aio.EOF or first is None  # gRPC's end of stream, or the fast path's
+        if ended or first.WhichOneof("kind") != "subscribed":
             call.cancel()
-            got = "the end of the stream" if first is grpc.aio.EOF else f"{first.WhichOneof('kind')!r}"
+            got = "the end of the stream" if ended else f"{first.WhichOneof('kind')!r}"
             raise BrokerClientError(
                 errno.EPROTO, "evtchn subscribe", f"expected the 'subscribed' marker first, got {got}",
                 code=grpc.StatusCode.INTERNAL,
@@ -345,8 +346,17 @@ class EvtchnSubscription:
             self._ended = True
             if self._closed or self._session.closed:
                 raise StopAsyncIteration from None
+            raise self._stream_error(from_rpc_error(exc)) from None
+        except BrokerClientError as exc:  # the fast path's stream failed
+            self._reading = None
+            self._ended = True
+            if self._closed or self._session.closed:
+                raise StopAsyncIteration from None
             raise self._stream_error(exc) from None
         self._reading = None
+        if message is None:  # the fast path's end of stream
+            self._ended = True
+            raise StopAsyncIteration
         if message is grpc.aio.EOF:
             self._ended = True
             code = await self._call.code()
@@ -354,7 +364,7 @@ class EvtchnSubscription:
                 failed = grpc.aio.AioRpcError(
                     code, trailing_metadata=await self._call.trailing_metadata(), details=await self._call.details()
                 )
-                raise self._stream_error(failed)
+                raise self._stream_error(from_rpc_error(failed))
             raise StopAsyncIteration
         kind = message.WhichOneof("kind")
         if kind == "port":
@@ -366,8 +376,7 @@ class EvtchnSubscription:
             code=grpc.StatusCode.INTERNAL,
         )
 
-    def _stream_error(self, failed: grpc.aio.AioRpcError) -> BrokerClientError:
-        error = from_rpc_error(failed)
+    def _stream_error(self, error: BrokerClientError) -> BrokerClientError:
         if error.errno == errno.ENOTCONN:
             # The ports were checked when the stream started: ENOTCONN on a
             # live stream means one of them has been unbound since.

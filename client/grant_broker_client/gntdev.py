@@ -33,17 +33,31 @@ Copy without mapping (the hypervisor copies; each segment has its status):
 ...     results[0].raise_for_status()
 ...     return results[0].data
 
+Copy many segments at once through a ring shared with the broker (the local
+sides are offsets in the ring's copy buffer; one status per segment):
+
+>>> async def read_pages(session, domid: int, refs: list[int]) -> bytes:  # doctest: +SKIP
+...     async with await session.gntdev.copy_buffer(len(refs) * 4096) as buffer, \
+...                await session.gntdev.copy_ring(buffer, entries=len(refs)) as ring:
+...         statuses = await ring.submit(
+...             [CopySegment(Foreign(domid, ref), Local(buffer, i * 4096), 4096) for i, ref in enumerate(refs)]
+...         )
+...         assert statuses == [0] * len(refs)
+...         return bytes(buffer.view)
+
 Every call raises :class:`grant_broker_client.BrokerClientError` carrying the
 broker's errno (and GNTST status where the hypervisor gave one).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
 import mmap
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -64,6 +78,7 @@ from grant_broker_protocol.abi import (
     gntst_message,
     gntst_name,
 )
+from grant_broker_protocol.copyring import MAX_RING_ENTRIES, RECORD, RECORD_SIZE, STATUS_PENDING, read_statuses, ring_bytes
 from grant_broker_protocol.v1 import common_pb2, gntdev_pb2, gntdev_pb2_grpc
 from grant_broker_client.errors import BrokerClientError
 from grant_broker_client.memory import MappedPages, ReceivedSpan, close_spans, map_received, receive_spans
@@ -79,6 +94,7 @@ __all__ = [
     "UNMAP_NOTIFY_SEND_EVENT",
     "CopyBuffer",
     "CopyResult",
+    "CopyRing",
     "CopySegment",
     "ExportedDmabuf",
     "Foreign",
@@ -196,16 +212,20 @@ class CopyBuffer:
         self._memory = memory
         self.view = memoryview(memory)
         self._closed = False
+        self._rings: set[CopyRing] = set()  # end with the buffer
 
     @property
     def length(self) -> int:
         return len(self._memory)
 
     async def aclose(self) -> None:
-        """Unregister from the broker and unmap here.  Idempotent."""
+        """Unregister from the broker and unmap here (its copy rings first).  Idempotent."""
         if self._closed:
             return
         self._closed = True
+        for ring in list(self._rings):
+            with contextlib.suppress(BrokerClientError):  # the unregister below ends it in the broker anyway
+                await ring.aclose()
         self.view.release()
         self._memory.close()
         session = self._client._session
@@ -307,6 +327,200 @@ def _set_pointer(pointer: gntdev_pb2.GrantCopyPointer, end: Foreign | Local | by
         virt.data = bytes(end)
         return False
     raise TypeError(f"not a grant-copy {'source' if source else 'dest'}: {end!r}")
+
+
+class CopyRing:
+    """Grant copy through a ring of records shared with the broker, on one :class:`CopyBuffer`.
+
+    :meth:`submit` writes segments into free slots of the ring (the records
+    of ``grant_broker_protocol.copyring``), rings the doorbell and reads the
+    statuses the broker wrote back: one small call per batch, whatever its
+    size.  Several submits may be in flight at once, on disjoint slots (a
+    submit waits for free slots); a batch longer than the ring goes as
+    several.  Close it with ``await
+    ring.aclose()`` (or ``async with``); it also ends with its buffer.
+    """
+
+    def __init__(self, client: "GntdevClient", buffer: CopyBuffer, ring_id: int, entries: int, memory: mmap.mmap) -> None:
+        self._client = client
+        self.buffer = buffer
+        self.ring_id = ring_id
+        self.entries = entries
+        self._memory = memory
+        self._words = memoryview(memory).cast("i")
+        self._free: list[tuple[int, int]] = [(0, entries)]  # free slots: (first, count), in order
+        self._waiters: list[asyncio.Future[None]] = []
+        self._calls: set[asyncio.Future[object]] = set()  # doorbells the broker has not answered yet
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def submit(self, segments: Sequence[CopySegment]) -> list[int]:
+        """Copy *segments*; return each one's ``GNTST_*`` status (0: copied), in order.
+
+        A segment's sides are :class:`Foreign` or :class:`Local` in this
+        ring's buffer, and it needs a length.  The call succeeds when segments
+        fail (check each status); a malformed segment fails the batch with
+        EINVAL (from the broker) or ValueError (found here), before anything
+        of that batch is copied.
+        """
+        count = len(segments)
+        if count <= self.entries:
+            return await self._batch(segments) if count else []
+        # Longer than the ring: batches of the whole ring, one after the other
+        # (a call costs more than its records: few large doorbells are fastest).
+        size = self.entries
+        batches = [self._batch(segments[at : at + size]) for at in range(0, count, size)]
+        statuses: list[int] = []
+        for done in await asyncio.gather(*batches):
+            statuses += done
+        return statuses
+
+    async def _batch(self, segments: Sequence[CopySegment]) -> list[int]:
+        records = self._encode(segments)  # before taking slots: a ValueError takes none
+        count = len(segments)
+        first = await self._take(count)
+        released = False
+        try:
+            start = first * RECORD_SIZE
+            self._memory[start : start + len(records)] = records
+            client = self._client
+            call = asyncio.ensure_future(
+                client._session.call(
+                    client._stub.SubmitCopyRing,
+                    gntdev_pb2.SubmitCopyRingRequest(ring_id=self.ring_id, first=first, count=count),
+                )
+            )
+            self._calls.add(call)
+            call.add_done_callback(self._calls.discard)
+            try:
+                await asyncio.shield(call)
+            except asyncio.CancelledError:
+                # The doorbell is on its way and may still be performed: its
+                # slots stay taken until the broker has answered it.
+                released = True
+
+                def answered(done: asyncio.Future[object]) -> None:
+                    if not done.cancelled():
+                        done.exception()  # retrieved: nobody awaits it any more
+                    self._give(first, count)
+
+                call.add_done_callback(answered)
+                raise
+            return read_statuses(self._words, first, count)
+        finally:
+            if not released:
+                self._give(first, count)
+
+    def _encode(self, segments: Sequence[CopySegment]) -> bytes:
+        buffer, pack = self.buffer, RECORD.pack
+        records = []
+        for i, segment in enumerate(segments):
+            source, dest, length = segment.source, segment.dest, segment.length
+            if length is None:
+                raise ValueError(f"segment {i}: a ring segment needs a length")
+            flags = 0
+            if isinstance(source, Foreign):
+                flags |= GNTCOPY_source_gref
+                source_at, source_domid, source_offset = source.ref, source.domid, source.offset
+            elif isinstance(source, Local) and source.buffer is buffer:
+                source_at, source_domid, source_offset = source.offset, 0, 0
+            else:
+                raise ValueError(f"segment {i}: a ring's source is Foreign or Local in the ring's own buffer, not {source!r}")
+            if isinstance(dest, Foreign):
+                flags |= GNTCOPY_dest_gref
+                dest_at, dest_domid, dest_offset = dest.ref, dest.domid, dest.offset
+            elif isinstance(dest, Local) and dest.buffer is buffer:
+                dest_at, dest_domid, dest_offset = dest.offset, 0, 0
+            else:
+                raise ValueError(f"segment {i}: a ring's dest is Foreign or Local in the ring's own buffer, not {dest!r}")
+            try:
+                records.append(
+                    pack(source_at, dest_at, source_domid, dest_domid, source_offset, dest_offset, length, flags, 0, STATUS_PENDING)
+                )
+            except struct.error as exc:
+                raise ValueError(f"segment {i}: a field does not fit the ring's record: {exc}") from None
+        return b"".join(records)
+
+    async def _take(self, count: int) -> int:
+        """The first of *count* free consecutive slots, taken; waits while there are none."""
+        while True:
+            if self._closed:
+                raise BrokerClientError(
+                    errno.EBADF, "gntdev copy ring", f"copy ring {self.ring_id} is closed",
+                    code=grpc.StatusCode.FAILED_PRECONDITION,
+                )
+            for i, (first, free) in enumerate(self._free):
+                if free >= count:
+                    if free == count:
+                        del self._free[i]
+                    else:
+                        self._free[i] = (first + count, free - count)
+                    return first
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+
+    def _give(self, first: int, count: int) -> None:
+        """Slots [first, first + count) are free again (merged with their free neighbours)."""
+        free = self._free
+        at = 0
+        while at < len(free) and free[at][0] < first:
+            at += 1
+        free.insert(at, (first, count))
+        if at + 1 < len(free) and first + count == free[at + 1][0]:
+            free[at] = (first, count + free.pop(at + 1)[1])
+        if at > 0 and free[at - 1][0] + free[at - 1][1] == first:
+            previous = free.pop(at - 1)
+            free[at - 1] = (previous[0], previous[1] + free[at - 1][1])
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def aclose(self) -> None:
+        """Wait for the doorbells in flight, destroy the ring in the broker and unmap it here.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)  # they find the ring closed
+        if self._calls:
+            await asyncio.gather(*self._calls, return_exceptions=True)
+        self.buffer._rings.discard(self)
+        try:
+            session = self._client._session
+            if not (session.closed or session.broker_lost):
+                try:
+                    await session.call(
+                        self._client._stub.DestroyCopyRing, gntdev_pb2.DestroyCopyRingRequest(ring_id=self.ring_id)
+                    )
+                except BrokerClientError as exc:
+                    if exc.errno != errno.ENOENT:  # gone already: its buffer was unregistered
+                        raise
+        finally:
+            self._words.release()
+            self._memory.close()
+
+    close = aclose
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<CopyRing {self.ring_id} of buffer {self.buffer.buffer_id}: {self.entries} entries{' closed' if self._closed else ''}>"
 
 
 # --------------------------------------------------------------------------- dma-buf
@@ -499,6 +713,40 @@ class GntdevClient:
             data = answered.dest.virt.data if asked.dest is None and answered.status == GNTST_okay else None
             results.append(CopyResult(answered.status, data))
         return results
+
+    async def copy_ring(self, buffer: CopyBuffer, *, entries: int = 256) -> CopyRing:
+        """A :class:`CopyRing` of *entries* records (1..4096) on *buffer*.
+
+        >>> ring = await session.gntdev.copy_ring(buffer, entries=64)        # doctest: +SKIP
+        >>> await ring.submit([CopySegment(Foreign(1, 8), Local(buffer), 4096)])  # doctest: +SKIP
+        [0]
+        """
+        if not 0 < entries <= MAX_RING_ENTRIES:
+            raise ValueError(f"a copy ring has 1..{MAX_RING_ENTRIES} entries, not {entries}")
+        if buffer._closed:
+            raise ValueError("the copy buffer is closed")
+        response = await self._session.call(
+            self._stub.CreateCopyRing, gntdev_pb2.CreateCopyRingRequest(buffer_id=buffer.buffer_id, entries=entries)
+        )
+        try:
+            (fd,) = await self._session.receive_fds(response.fd_transfer, 1)
+            with fd:
+                size = ring_bytes(entries)
+                if response.record_size != RECORD_SIZE or response.entries != entries or os.fstat(fd.fileno()).st_size != size:
+                    raise BrokerClientError(
+                        errno.EPROTO, "gntdev copy ring",
+                        f"the broker answered a ring of {response.entries} records of {response.record_size} bytes "
+                        f"({os.fstat(fd.fileno()).st_size} bytes), not {entries} of {RECORD_SIZE}",
+                        code=grpc.StatusCode.INTERNAL,
+                    )
+                memory = mmap.mmap(fd.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            with contextlib.suppress(BrokerClientError):
+                await self._session.call(self._stub.DestroyCopyRing, gntdev_pb2.DestroyCopyRingRequest(ring_id=response.ring_id))
+            raise
+        ring = CopyRing(self, buffer, response.ring_id, entries, memory)
+        buffer._rings.add(ring)
+        return ring
 
     async def dmabuf_export(self, domid: int, refs: Sequence[int], *, flags: int = 0) -> ExportedDmabuf:
         """Map *refs* of *domid* and export them as a dma-buf (``GNTDEV_DMA_FLAG_*`` in *flags*).

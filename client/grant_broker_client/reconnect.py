@@ -99,6 +99,7 @@ async def connect_with_retry(
     domid: int | None = None,
     vmid: int | None = None,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    fast_path: bool = True,
 ) -> Session:
     """:func:`grant_broker_client.connect`, retried with *retry*'s backoff while
     the broker is unavailable (not started yet, restarting).
@@ -112,7 +113,9 @@ async def connect_with_retry(
     attempt = 0
     while True:
         try:
-            return await connect(socket_path, client_name=client_name, domid=domid, vmid=vmid, max_in_flight=max_in_flight)
+            return await connect(
+                socket_path, client_name=client_name, domid=domid, vmid=vmid, max_in_flight=max_in_flight, fast_path=fast_path
+            )
         except BrokerClientError as exc:
             if not _retriable(exc):
                 raise

@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from grant_broker_client.fastpath import FastCalls
 from grant_broker_protocol.fdchannel import (
+    FAST_PATH_VERSION,
     MAX_FDS_PER_FRAME,
     PROTOCOL_VERSION,
     ChannelClosed,
@@ -82,11 +84,28 @@ def _refusal(operation: str, error: Any) -> BrokerClientError:
 _LOST_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.CANCELLED})
 
 
+_STREAM_FRAMES = frozenset({"port_fired", "events_lost", "stream_end"})
+
+
+def _method_name(method: Any) -> str | None:
+    """The gRPC method name of a stub's method (``/grant_broker.v1.Gntdev/Map``):
+    grpc.aio keeps it as bytes in ``_method``.  ``None`` when it cannot be
+    told: the call then goes over gRPC."""
+    name = getattr(method, "_method", None)
+    return name.decode() if isinstance(name, bytes) else None
+
+
 class Session:
     """An open session with the broker.  Use :func:`connect`."""
 
     def __init__(
-        self, socket_path: str, channel: grpc.aio.Channel, fd_channel: FdChannel, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+        self,
+        socket_path: str,
+        channel: grpc.aio.Channel,
+        fd_channel: FdChannel,
+        *,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        fast_path: bool = True,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
@@ -105,6 +124,9 @@ class Session:
         self._channel_error: BaseException | None = None
         self._broker_lost = False
         self._in_flight = asyncio.Semaphore(max_in_flight)
+        self._want_fast_path = fast_path
+        # Calls as frames on the fd channel, when the broker offers it at the hello.
+        self._fast: FastCalls | None = None
         self.broker = broker_pb2_grpc.BrokerStub(channel)
 
     # Device clients, one per kernel interface, created on first use.  Never
@@ -144,12 +166,19 @@ class Session:
     # ------------------------------------------------------------ set-up
 
     async def _hello(self, client_name: str, domid: int | None, vmid: int | None) -> None:
-        hello = ClientHello(protocol_version=PROTOCOL_VERSION, client_name=client_name)
+        hello = ClientHello(
+            protocol_version=PROTOCOL_VERSION,
+            client_name=client_name,
+            fast_path_version=FAST_PATH_VERSION if self._want_fast_path else 0,
+        )
         if domid is not None:
             hello.domid = domid
         if vmid is not None:
             hello.vmid = vmid
-        await self._fd_channel.send(FdFrame(client_hello=hello))
+        try:
+            await self._fd_channel.send(FdFrame(client_hello=hello))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before the hello arrived: the broker's ProtocolError frame, read next, says why
         try:
             async with asyncio.timeout(HELLO_TIMEOUT):
                 frame, fds = await self._fd_channel.receive()
@@ -166,6 +195,9 @@ class Session:
         server = frame.server_hello
         self.session_id, self.domid, self.vmid, self._token = server.session_id, server.domid, server.vmid, server.token
         self._metadata = ((SESSION_METADATA_KEY, self._token),)
+        if server.fast_path_version >= FAST_PATH_VERSION and self._want_fast_path:
+            self._fd_channel.max_frame_bytes = server.max_frame_bytes
+            self._fast = FastCalls(self._fd_channel, self._incoming, lambda why: self._lost_error("call"))
         self._reader = asyncio.get_running_loop().create_task(self._read_frames())
 
     async def _read_frames(self) -> None:
@@ -182,6 +214,12 @@ class Session:
                     )
                     continue
                 body = frame.WhichOneof("body")
+                if self._fast is not None and body == "reply":
+                    self._fast.on_reply(frame, fds)
+                    continue
+                if self._fast is not None and body in _STREAM_FRAMES:
+                    self._fast.on_stream_frame(frame)
+                    continue
                 if body != "transfer":
                     for fd in fds:
                         fd.close()
@@ -195,6 +233,9 @@ class Session:
             # gone (stopped, crashed, restarting), not refusing this session.
             self._broker_lost = isinstance(exc, (ChannelClosed, OSError))
             self._incoming.close(BrokerError(errno.EPIPE, "fd channel", f"the session's fd channel is gone: {exc}"))
+            if self._fast is not None:
+                self._fast.fail(self._lost_error("call") if self._broker_lost else BrokerClientError(
+                    errno.EPIPE, "fd channel", f"the session's fd channel is gone: {exc}", code=grpc.StatusCode.UNAVAILABLE))
 
     # ------------------------------------------------------------ calls
 
@@ -238,6 +279,9 @@ class Session:
         else:
             await self._in_flight.acquire()
         try:
+            fast, name = self._fast, _method_name(method)
+            if fast is not None and name is not None and fast.serves(name, request):
+                return await fast.call(name, request, timeout=timeout)
             return await method(request, metadata=self._metadata, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc)
@@ -248,8 +292,19 @@ class Session:
         raise error
 
     def stream(self, method: Any, request: Message) -> Any:
-        """Start a server-streaming call within this session (the call object)."""
+        """Start a server-streaming call within this session: on the fast path
+        a :class:`~grant_broker_client.fastpath.FastStream`, else the gRPC call
+        object."""
+        name = _method_name(method)
+        if self._fast is not None and name is not None:
+            return self._fast.stream(name, request)
         return method(request, metadata=self._metadata)
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether this session's calls travel as frames on its fd channel (the
+        broker offered the fast path) rather than over gRPC."""
+        return self._fast is not None
 
     async def receive_fds(self, transfer_id: int, count: int, *, timeout: float = 5.0) -> list[OwnedFd]:
         """The *count* descriptors the broker sent under *transfer_id* (they are
@@ -297,6 +352,8 @@ class Session:
                 pass
         self._fd_channel.close()
         self._incoming.close(BrokerError(errno.EPIPE, "fd channel", "the session is closed"))
+        if self._fast is not None:
+            self._fast.fail(BrokerClientError(errno.EPIPE, "session", "the session is closed", code=grpc.StatusCode.UNAVAILABLE))
         await self.grpc_channel.close()
 
     async def __aenter__(self) -> Self:
@@ -316,6 +373,7 @@ async def connect(
     vmid: int | None = None,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     retry: "Retry | None" = None,
+    fast_path: bool = True,
 ) -> Session:
     """Open a session with the broker at *socket_path* (default: :func:`default_socket_path`).
 
@@ -330,7 +388,8 @@ async def connect(
         from grant_broker_client.reconnect import connect_with_retry
 
         return await connect_with_retry(
-            socket_path, retry=retry, client_name=client_name, domid=domid, vmid=vmid, max_in_flight=max_in_flight
+            socket_path, retry=retry, client_name=client_name, domid=domid, vmid=vmid, max_in_flight=max_in_flight,
+            fast_path=fast_path,
         )
     path = socket_path or default_socket_path()
     try:
@@ -339,7 +398,7 @@ async def connect(
         raise BrokerClientError(exc.errno or errno.ECONNREFUSED, "connect",
                                 f"no broker at {path}: {exc.strerror}", code=grpc.StatusCode.UNAVAILABLE) from None
     channel = grpc.aio.insecure_channel(f"unix:{path}", options=CHANNEL_OPTIONS)
-    session = Session(path, channel, fd_channel, max_in_flight=max_in_flight)
+    session = Session(path, channel, fd_channel, max_in_flight=max_in_flight, fast_path=fast_path)
     try:
         await session._hello(client_name or f"pid {os.getpid()}", domid, vmid)
         # The broker is there (it answered the hello): wait for the gRPC

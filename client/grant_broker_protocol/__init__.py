@@ -5,6 +5,7 @@ The generated messages and services (:mod:`.v1`), the fd channel's framing
 table (:mod:`.transfers`), the one error type (:mod:`.errors`) and its gRPC
 status table (:mod:`.status`), the values of the kernel interfaces that
 travel in requests (:mod:`.abi`), shared memory mapped from spans
-(:mod:`.memory`), and where a broker listens (:mod:`.endpoints`).  It imports
-nothing of the daemon or of the SDK.
+(:mod:`.memory`), the grant-copy ring's record (:mod:`.copyring`), and
+where a broker listens (:mod:`.endpoints`).  It imports nothing of the
+daemon or of the SDK.
 """

@@ -3,14 +3,17 @@
 Every failure a backend reports is a :class:`BrokerError`: an :class:`OSError`
 carrying the errno the kernel (or the emulated hypervisor) gave, the operation
 that failed, a sentence for a person, and — when the hypervisor answered with
-one — the Xen ``GNTST_*`` status.  The service layer maps it to a gRPC status in
-exactly one place; the SDK maps it back.
+one — the Xen ``GNTST_*`` status.  Each transport maps it once — gRPC to a
+status with an :class:`ErrorDetail`, the fast path to the ErrorDetail of its
+reply (:func:`error_detail`) — and the SDK maps it back.
 """
 
 from __future__ import annotations
 
 import errno as _errno
 import os
+
+from grant_broker_protocol.v1.common_pb2 import ErrorDetail
 from collections.abc import Callable
 
 
@@ -71,3 +74,20 @@ class BrokerError(OSError):
 
 def _rebuild(code: int, operation: str, detail: str, gntst: int | None) -> BrokerError:
     return BrokerError(code, operation, detail, gntst=gntst)
+
+
+def error_detail(error: BrokerError) -> ErrorDetail:
+    """*error* as the ErrorDetail message every transport sends a client."""
+    from grant_broker_protocol.abi import gntst_name
+
+    detail = ErrorDetail(
+        errno=error.errno,
+        errno_name=errno_name(error.errno),
+        operation=error.operation,
+        message=str(error),
+        detail=error.detail,
+    )
+    if error.gntst is not None:
+        detail.gntst = error.gntst
+        detail.gntst_name = gntst_name(error.gntst)
+    return detail

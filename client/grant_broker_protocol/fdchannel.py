@@ -29,6 +29,11 @@ from grant_broker_protocol.v1.fdchannel_pb2 import ProtocolError as ProtocolErro
 PROTOCOL_VERSION = 1
 MAX_FDS_PER_FRAME = 32
 MAX_FRAME_BYTES = 4096
+"""The largest datagram before the hello has agreed on more (and without the fast path)."""
+FAST_PATH_VERSION = 1
+"""The fast path this side speaks: calls as frames on the fd channel (see fdchannel.proto)."""
+FAST_PATH_FRAME_BYTES = 65536
+"""The largest datagram once the fast path is agreed: a packed map of 1024 refs fits."""
 _FD_SIZE = array.array("i").itemsize
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * _FD_SIZE)
 
@@ -94,7 +99,12 @@ def _dropped_here(payload: bytes, received: int) -> DescriptorsDropped | None:
 
 
 def _announced_fds(frame: FdFrame) -> int:
-    return frame.transfer.fd_count if frame.WhichOneof("body") == "transfer" else 0
+    body = frame.WhichOneof("body")
+    if body == "transfer":
+        return frame.transfer.fd_count
+    if body == "reply":
+        return frame.reply.fd_count
+    return 0
 
 
 class FdChannel:
@@ -111,8 +121,11 @@ class FdChannel:
         sock.setblocking(False)
         self._sock = sock
         self._receiving = False
+        self.max_frame_bytes = MAX_FRAME_BYTES
+        """The largest datagram this end sends or accepts (raised by the hellos)."""
         self._next_transfer = 1
         self._transfer_lock = asyncio.Lock()
+        self._writable_lock = asyncio.Lock()
 
     @classmethod
     async def connect(cls, path: str, *, timeout: float = 10.0) -> "FdChannel":
@@ -162,21 +175,27 @@ class FdChannel:
         if len(fds) != _announced_fds(frame):
             raise ValueError(f"frame announces {_announced_fds(frame)} descriptors but {len(fds)} are attached")
         payload = frame.SerializeToString()
-        if len(payload) > MAX_FRAME_BYTES:
-            raise ValueError(f"frame of {len(payload)} bytes exceeds {MAX_FRAME_BYTES}")
+        if len(payload) > self.max_frame_bytes:
+            raise ValueError(f"frame of {len(payload)} bytes exceeds {self.max_frame_bytes}")
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        loop = asyncio.get_running_loop()
         while True:
             try:
                 self._sock.sendmsg([payload], ancillary)
                 return
             except BlockingIOError:
-                waiter = loop.create_future()
-                loop.add_writer(self._sock, _wake, waiter)
-                try:
-                    await waiter
-                finally:
-                    loop.remove_writer(self._sock)
+                # One waiter at a time: a second add_writer on the socket would
+                # silently replace the first one's callback.
+                async with self._writable_lock:
+                    await self._writable()
+
+    async def _writable(self) -> None:
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        loop.add_writer(self._sock, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            loop.remove_writer(self._sock)
 
     async def send_transfer(self, fds: Sequence[int]) -> int:
         """Send *fds* (borrowed) as one transfer under a new id, and return the
@@ -199,7 +218,7 @@ class FdChannel:
         attached to the frame are never installed in this process (the kernel
         drops them and flags ``MSG_CTRUNC``), and the frame is refused."""
         try:
-            payload, ancillary, flags, _ = self._sock.recvmsg(MAX_FRAME_BYTES, _ANCILLARY_SPACE if accept_fds else 0)
+            payload, ancillary, flags, _ = self._sock.recvmsg(self.max_frame_bytes, _ANCILLARY_SPACE if accept_fds else 0)
         except BlockingIOError:
             return None
         fds: list[OwnedFd] = []
@@ -219,7 +238,7 @@ class FdChannel:
                     raise dropped
                 raise ProtocolError("descriptors were truncated (MSG_CTRUNC): too many in one frame")
             if flags & socket.MSG_TRUNC:
-                raise ProtocolError(f"frame larger than {MAX_FRAME_BYTES} bytes")
+                raise ProtocolError(f"frame larger than {self.max_frame_bytes} bytes")
             frame = FdFrame()
             try:
                 frame.ParseFromString(payload)
@@ -272,6 +291,15 @@ class FdChannel:
                     loop.remove_reader(self._sock)
         finally:
             self._receiving = False
+
+    def send_nowait(self, frame: FdFrame) -> bool:
+        """Send *frame* (no descriptors) if the socket takes it at once; never
+        waits.  Whether it was sent."""
+        try:
+            self._sock.send(frame.SerializeToString(), socket.MSG_DONTWAIT)
+        except (OSError, ValueError):
+            return False
+        return True
 
     def send_error_nowait(self, message: str, code: int) -> None:
         """Tell the peer why the channel ends (a ``ProtocolError`` frame), if the

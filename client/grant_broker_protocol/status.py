@@ -28,6 +28,7 @@ ERRNO_TO_STATUS: dict[int, grpc.StatusCode] = {
     errno.EMFILE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errno.ENFILE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errno.EDQUOT: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errno.EMSGSIZE: grpc.StatusCode.RESOURCE_EXHAUSTED,  # a request larger than its call accepts
     errno.ENOTCONN: grpc.StatusCode.FAILED_PRECONDITION,
     errno.EBUSY: grpc.StatusCode.FAILED_PRECONDITION,
     errno.ETIMEDOUT: grpc.StatusCode.DEADLINE_EXCEEDED,

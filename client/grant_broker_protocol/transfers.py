@@ -14,7 +14,10 @@ the same on both sides, so they live here once.
   in several frames under one id).
 * Transfers no call has taken yet are bounded (*max_pending*): a peer that
   sends frames nobody claims cannot make the other side hold descriptors
-  without end.
+  without end.  On the broker's side they also expire (*expire_after*: their
+  descriptors are closed, and a call naming one later fails at once with
+  EBADF), and their descriptors count against a budget (*budget*: one the
+  budget refuses becomes a failed transfer, whose call gets the refusal).
 * Everything still held is closed by :meth:`TransferTable.close`; waiting
   calls fail with the error given there.
 """
@@ -23,7 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Protocol
 
 from grant_broker_protocol.errors import BrokerError
 from grant_broker_protocol.fds import OwnedFd
@@ -32,6 +38,21 @@ from grant_broker_protocol.fds import OwnedFd
 class TransferRefused(Exception):
     """A frame broke the rules of the table (an id used twice, too many
     pending transfers): the peer broke the protocol."""
+
+
+class DescriptorBudget(Protocol):
+    """What the descriptors of pending transfers are counted against."""
+
+    def charge(self, count: int) -> None:
+        """Count *count* more descriptors, or raise :class:`BrokerError` to refuse them."""
+
+    def credit(self, count: int) -> None:
+        """Count *count* fewer descriptors."""
+
+
+# How many expired transfer ids are remembered, so that a call naming one is
+# told at once that it expired instead of waiting for it.
+_EXPIRED_REMEMBERED = 256
 
 
 class TransferTable:
@@ -45,16 +66,37 @@ class TransferTable:
             come in time: EBADF where the request named a transfer that its
             sender never sent (the broker's side), ETIMEDOUT where the reply's
             descriptors are late (the SDK's side).
+        expire_after: seconds a transfer may wait unclaimed (``None``: until
+            the table closes).  An expired transfer's descriptors are closed
+            by a timer on the running loop, and by any later deliver or take.
+        budget: what the descriptors of pending transfers are counted against,
+            from their arrival until a call takes them (or they expire or the
+            table closes).
     """
 
-    def __init__(self, *, max_pending: int | None = None, accumulate: bool = False, missing_errno: int = errno.EBADF) -> None:
+    def __init__(
+        self,
+        *,
+        max_pending: int | None = None,
+        accumulate: bool = False,
+        missing_errno: int = errno.EBADF,
+        expire_after: float | None = None,
+        budget: DescriptorBudget | None = None,
+    ) -> None:
         self._max_pending = max_pending
         self._accumulate = accumulate
         self._missing_errno = missing_errno
+        self._expire_after = expire_after
+        self._budget = budget
         self._arrived: dict[int, list[OwnedFd]] = {}
         self._failed: dict[int, BrokerError] = {}
         self._waiters: dict[int, asyncio.Future[None]] = {}
         self._closed: BrokerError | None = None
+        # Pending transfer id -> when it expires (monotonic clock), in arrival
+        # order, which is deadline order (one expire_after for all).
+        self._deadlines: dict[int, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired: OrderedDict[int, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._arrived) + len(self._failed)
@@ -66,6 +108,7 @@ class TransferTable:
             TransferRefused: id 0, an id used twice, or too many pending
                 transfers (the descriptors are closed).
         """
+        self.expire_due()
         try:
             self._check_new(transfer_id)
         except TransferRefused:
@@ -74,7 +117,17 @@ class TransferTable:
         if self._closed is not None:
             _close_all(fds)
             return
+        if self._budget is not None and fds:
+            try:
+                self._budget.charge(len(fds))
+            except BrokerError as refusal:
+                # Over budget: the descriptors go now; the call that names
+                # the transfer gets the refusal.
+                _close_all(fds)
+                self.fail(transfer_id, refusal)
+                return
         self._arrived.setdefault(transfer_id, []).extend(fds)
+        self._pending(transfer_id)
         self._wake(transfer_id)
 
     def fail(self, transfer_id: int, error: BrokerError) -> None:
@@ -83,7 +136,71 @@ class TransferTable:
         *error*; nothing else does."""
         self._check_new(transfer_id)
         self._failed[transfer_id] = error
+        self._pending(transfer_id)
         self._wake(transfer_id)
+
+    # ------------------------------------------------------------ expiry
+
+    def _pending(self, transfer_id: int) -> None:
+        """*transfer_id* waits for its call from now on: give it its deadline."""
+        if self._expire_after is None or self._closed is not None or transfer_id in self._deadlines:
+            return
+        self._expired.pop(transfer_id, None)
+        self._deadlines[transfer_id] = time.monotonic() + self._expire_after
+        self._arm()
+
+    def _arm(self) -> None:
+        """A timer for the earliest deadline, when there is a loop to run it."""
+        if self._timer is not None or not self._deadlines:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a synchronous caller): deliver and take check instead
+        delay = max(0.0, next(iter(self._deadlines.values())) - time.monotonic())
+        self._timer = loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.expire_due()
+
+    def expire_due(self) -> int:
+        """Close the transfers whose deadline has passed; how many there were.
+
+        A transfer a call is already waiting for is not expired: that call is
+        about to take it."""
+        if not self._deadlines:
+            return 0
+        now = time.monotonic()
+        expired = 0
+        for transfer_id, deadline in list(self._deadlines.items()):
+            if deadline > now:
+                break
+            del self._deadlines[transfer_id]
+            if transfer_id in self._waiters:
+                continue
+            expired += 1
+            self._failed.pop(transfer_id, None)
+            self._release(self._arrived.pop(transfer_id, []))
+            self._expired[transfer_id] = None
+            while len(self._expired) > _EXPIRED_REMEMBERED:
+                self._expired.popitem(last=False)
+        self._arm()
+        return expired
+
+    def _release(self, fds: list[OwnedFd]) -> None:
+        """Close *fds* of a transfer nobody will take (expired, or the table closed)."""
+        _close_all(fds)
+        if self._budget is not None and fds:
+            self._budget.credit(len(fds))
+
+    def _taken(self, transfer_id: int) -> list[OwnedFd]:
+        """The descriptors of *transfer_id*, now the caller's."""
+        self._deadlines.pop(transfer_id, None)
+        fds = self._arrived.pop(transfer_id)
+        if self._budget is not None and fds:
+            self._budget.credit(len(fds))
+        return fds
 
     def _check_new(self, transfer_id: int) -> None:
         if transfer_id == 0:
@@ -117,13 +234,24 @@ class TransferTable:
         """
         if transfer_id == 0:
             raise BrokerError(errno.EBADF, operation, "the request names no fd transfer (fd_transfer is 0)")
+        self.expire_due()
+        if transfer_id in self._expired and not self._complete(transfer_id, count):
+            del self._expired[transfer_id]
+            raise BrokerError(
+                errno.EBADF,
+                operation,
+                f"the descriptors of transfer id {transfer_id} waited more than {self._expire_after} s "
+                "for a call naming them and were closed",
+            )
         if not self._complete(transfer_id, count):
             await self._wait(operation, transfer_id, count, timeout)
         failed = self._failed.pop(transfer_id, None)
         if failed is not None:
-            _close_all(self._arrived.pop(transfer_id, []))
+            self._deadlines.pop(transfer_id, None)
+            if transfer_id in self._arrived:
+                self._release(self._arrived.pop(transfer_id))
             raise BrokerError(failed.errno, operation, failed.detail)
-        return self._arrived.pop(transfer_id)
+        return self._taken(transfer_id)
 
     async def _wait(self, operation: str, transfer_id: int, count: int | None, timeout: float) -> None:
         if transfer_id in self._waiters:
@@ -157,9 +285,13 @@ class TransferTable:
         """Close every descriptor held; calls waiting now or later fail with *error*.  Idempotent."""
         if self._closed is None:
             self._closed = error
-        for fds in self._arrived.values():
-            _close_all(fds)
-        self._arrived.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadlines.clear()
+        arrived, self._arrived = list(self._arrived.values()), {}
+        for fds in arrived:
+            self._release(fds)
         self._failed.clear()
         for waiter in self._waiters.values():
             if not waiter.done():

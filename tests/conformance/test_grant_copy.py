@@ -195,3 +195,129 @@ def test_copy_from_domid_self_reads_the_copying_domains_own_grant(domains) -> No
         source = CopyForeign(allocation.refs[0], 0, DOMID_SELF)
         assert gntdev.grant_copy([GrantCopySegment(source, CopyLocal(memoryview(buffer)), 4)]) == [GNTST_okay]
         assert bytes(buffer) == b"self"
+
+
+# --------------------------------------------------------------------------- adjacent segments
+# A batch of segments contiguous on both sides (consecutive granted pages,
+# consecutive bytes of one local buffer) is what a copy ring's doorbell
+# usually carries; a backend may copy it at once (the emulated one does), with
+# the results of copying the segments one by one, in order.
+
+ADJACENT_PAGES = 4
+
+
+def _pattern(length: int, seed: int) -> bytes:
+    return bytes((seed * 31 + i * 7) % 256 for i in range(length))
+
+
+def test_adjacent_segments_copy_granted_pages_into_one_buffer_and_back(domains) -> None:
+    with (
+        granted_pages(domains.peer, domains.local.domid, ADJACENT_PAGES) as (gntalloc, allocation),
+        granter_view(gntalloc, allocation) as granter,
+        domains.local.open_gntdev() as gntdev,
+    ):
+        size = ADJACENT_PAGES * PAGE_SIZE
+        granter[:size] = _pattern(size, 1)
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        peer = domains.peer.domid
+        half = PAGE_SIZE // 2
+        # Half pages: two segments per page, every one continuing the last.
+        inward = [
+            GrantCopySegment(CopyForeign(ref, part * half, peer), CopyLocal(view, page * PAGE_SIZE + part * half), half)
+            for page, ref in enumerate(allocation.refs)
+            for part in (0, 1)
+        ]
+        assert gntdev.grant_copy(inward) == [GNTST_okay] * len(inward)
+        assert bytes(buffer) == bytes(granter[:size])
+        buffer[:] = _pattern(size, 2)
+        outward = [
+            GrantCopySegment(CopyLocal(view, page * PAGE_SIZE), CopyForeign(ref, 0, peer), PAGE_SIZE)
+            for page, ref in enumerate(allocation.refs)
+        ]
+        assert gntdev.grant_copy(outward) == [GNTST_okay] * ADJACENT_PAGES
+        assert bytes(granter[:size]) == bytes(buffer)
+        del view
+
+
+def test_adjacent_segments_with_a_failure_between_copy_the_others(domains) -> None:
+    with (
+        granted_pages(domains.peer, domains.local.domid, 3) as (gntalloc, allocation),
+        granter_view(gntalloc, allocation) as granter,
+        domains.local.open_gntdev() as gntdev,
+    ):
+        granter[: 3 * PAGE_SIZE] = _pattern(3 * PAGE_SIZE, 3)
+        buffer = bytearray(3 * PAGE_SIZE)
+        view = memoryview(buffer)
+        peer = domains.peer.domid
+        first, _, third = allocation.refs
+        segments = [
+            GrantCopySegment(CopyForeign(first, 0, peer), CopyLocal(view, 0), PAGE_SIZE),
+            GrantCopySegment(CopyForeign(BEYOND_ANY_GRANT_TABLE, 0, peer), CopyLocal(view, PAGE_SIZE), PAGE_SIZE),
+            GrantCopySegment(CopyForeign(third, 0, peer), CopyLocal(view, 2 * PAGE_SIZE), PAGE_SIZE),
+        ]
+        assert gntdev.grant_copy(segments) == [GNTST_okay, GNTST_bad_gntref, GNTST_okay]
+        assert bytes(buffer[:PAGE_SIZE]) == bytes(granter[:PAGE_SIZE])
+        assert bytes(buffer[PAGE_SIZE : 2 * PAGE_SIZE]) == bytes(PAGE_SIZE)
+        assert bytes(buffer[2 * PAGE_SIZE :]) == bytes(granter[2 * PAGE_SIZE : 3 * PAGE_SIZE])
+        del view
+
+
+def test_segments_are_copied_in_order_across_runs(domains) -> None:
+    # Out to the pages, then back from them: the reads see the writes before them.
+    with (
+        granted_pages(domains.peer, domains.local.domid, 2) as (gntalloc, allocation),
+        granter_view(gntalloc, allocation) as granter,
+        domains.local.open_gntdev() as gntdev,
+    ):
+        buffer = bytearray(4 * PAGE_SIZE)
+        buffer[: 2 * PAGE_SIZE] = _pattern(2 * PAGE_SIZE, 4)
+        view = memoryview(buffer)
+        peer = domains.peer.domid
+        first, second = allocation.refs
+        segments = [
+            GrantCopySegment(CopyLocal(view, 0), CopyForeign(first, 0, peer), PAGE_SIZE),
+            GrantCopySegment(CopyLocal(view, PAGE_SIZE), CopyForeign(second, 0, peer), PAGE_SIZE),
+            GrantCopySegment(CopyForeign(first, 0, peer), CopyLocal(view, 2 * PAGE_SIZE), PAGE_SIZE),
+            GrantCopySegment(CopyForeign(second, 0, peer), CopyLocal(view, 3 * PAGE_SIZE), PAGE_SIZE),
+        ]
+        assert gntdev.grant_copy(segments) == [GNTST_okay] * 4
+        assert bytes(buffer[2 * PAGE_SIZE :]) == bytes(buffer[: 2 * PAGE_SIZE]) == bytes(granter[: 2 * PAGE_SIZE])
+        del view
+
+
+def test_segments_contiguous_on_one_side_only(domains) -> None:
+    # Consecutive pages into scattered buffer offsets, and scattered pages from
+    # consecutive buffer offsets: contiguity on one side alone joins nothing.
+    with (
+        granted_pages(domains.peer, domains.local.domid, ADJACENT_PAGES) as (gntalloc, allocation),
+        granter_view(gntalloc, allocation) as granter,
+        domains.local.open_gntdev() as gntdev,
+    ):
+        size = ADJACENT_PAGES * PAGE_SIZE
+        granter[:size] = _pattern(size, 5)
+        buffer = bytearray(2 * size)
+        view = memoryview(buffer)
+        peer = domains.peer.domid
+        refs = allocation.refs
+        scattered = [
+            GrantCopySegment(CopyForeign(ref, 0, peer), CopyLocal(view, 2 * page * PAGE_SIZE), PAGE_SIZE)
+            for page, ref in enumerate(refs)
+        ]
+        assert gntdev.grant_copy(scattered) == [GNTST_okay] * ADJACENT_PAGES
+        for page in range(ADJACENT_PAGES):
+            assert bytes(buffer[2 * page * PAGE_SIZE : (2 * page + 1) * PAGE_SIZE]) == bytes(
+                granter[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
+            )
+            assert bytes(buffer[(2 * page + 1) * PAGE_SIZE : (2 * page + 2) * PAGE_SIZE]) == bytes(PAGE_SIZE)
+        reversed_pages = [
+            GrantCopySegment(CopyForeign(ref, 0, peer), CopyLocal(view, i * PAGE_SIZE), PAGE_SIZE)
+            for i, ref in enumerate(reversed(refs))
+        ]
+        assert gntdev.grant_copy(reversed_pages) == [GNTST_okay] * ADJACENT_PAGES
+        for i in range(ADJACENT_PAGES):
+            page = ADJACENT_PAGES - 1 - i
+            assert bytes(buffer[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]) == bytes(
+                granter[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
+            )
+        del view

@@ -181,15 +181,19 @@ def start_daemon(
     """Start ``grant-broker serve`` on the emulated backend and wait until it answers health checks.
 
     *args* are CLI options; *options* (``{"limits": {...}, "policy": {...},
-    "socket_mode": "0666"}``) runs it through launch.py instead, for limits
-    the CLI does not offer.  *nofile* sets its ``RLIMIT_NOFILE`` (``N`` or ``"soft:hard"``)."""
+    "socket_mode": "0666", "status_view": "own"}``) runs it through launch.py
+    instead, for limits the CLI does not offer.  Status shows every session
+    to anyone (``--status-view all``) unless told otherwise.  *nofile* sets its ``RLIMIT_NOFILE`` (``N`` or ``"soft:hard"``)."""
     log_path = log_path or Path(socket_path).with_suffix(".log")
     if options is not None:
         assert not args
         command = [str(HERE / "launch.py"), socket_path, json.dumps(options)]
     else:
+        # The harness watches every session from outside (Daemon.status, without a
+        # session): --status-view all, unless *args* say otherwise (the last one wins).
         command = [
-            "-m", "grant_broker.cli", "--socket", socket_path, "serve", "--backend", "emulated", "--grace", "1", *args,
+            "-m", "grant_broker.cli", "--socket", socket_path, "serve", "--backend", "emulated", "--grace", "1",
+            "--status-view", "all", *args,
         ]
     command = ["-c", _WRAPPER, "-" if nofile is None else str(nofile), *command]
     with open(log_path, "ab") as log:

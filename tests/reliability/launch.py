@@ -1,8 +1,9 @@
 """Run a broker with limits and a policy the CLI does not offer (for the reliability tests).
 
-``python launch.py SOCKET '{"limits": {...}, "policy": {...}, "socket_mode": "0666"}'``
+``python launch.py SOCKET '{"limits": {...}, "policy": {...}, "socket_mode": "0666", "status_view": "own"}'``
 serves exactly as ``grant-broker serve --backend emulated`` does, with
-``Limits(**limits)`` and ``Policy(**policy)``.
+``Limits(**limits)`` and ``Policy(**policy)``, and Status showing every
+session to anyone unless ``status_view`` says otherwise.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main() -> None:
         socket_mode=int(options.get("socket_mode", "0660"), 8),
         limits=Limits(**options.get("limits", {})),
         policy=Policy(**policy),
+        # The harness reads Status without a session (conftest.Daemon.status).
+        status_view=options.get("status_view", "all"),
     )
     uvloop.run(serve(config, lambda server: print("listening on", socket_path, flush=True)))
 

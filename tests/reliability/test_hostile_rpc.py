@@ -312,16 +312,21 @@ def test_an_oversized_message_is_refused_before_the_broker_reads_it(target: Targ
 @pytest.mark.parametrize(
     ("service", "method", "request_", "errno_name"),
     [
-        ("Gntdev", "MapGrantRef", gntdev_pb2.MapGrantRefRequest(count=10**6, refs=[common_pb2.GrantRef(domid=2, ref=8)] * 10**6), "EDQUOT"),
+        # A list longer than any session may use is refused by its size, before it is decoded (EMSGSIZE) ...
+        ("Gntdev", "MapGrantRef", gntdev_pb2.MapGrantRefRequest(count=10**6, refs=[common_pb2.GrantRef(domid=2, ref=8)] * 10**6), "EMSGSIZE"),
+        # ... one that fits the size but not the quota by its count (EDQUOT).
+        ("Gntdev", "MapGrantRef", gntdev_pb2.MapGrantRefRequest(count=70_000, refs=[common_pb2.GrantRef(domid=2, ref=8)] * 70_000), "EDQUOT"),
         ("Gntdev", "GrantCopy", gntdev_pb2.GrantCopyRequest(count=200_000, segments=[gntdev_pb2.GrantCopySegment(
             source=gntdev_pb2.GrantCopyPointer(foreign=gntdev_pb2.GrantCopyForeign(ref=8, domid=2)),
             dest=gntdev_pb2.GrantCopyPointer(virt=gntdev_pb2.GrantCopyLocal()), len=1, flags=1)] * 200_000), "E2BIG"),
-        ("Gntdev", "DmabufExportFromRefs", gntdev_pb2.DmabufExportFromRefsRequest(count=10**6, domid=2, refs=[8] * 10**6), "EDQUOT"),
+        ("Gntdev", "DmabufExportFromRefs", gntdev_pb2.DmabufExportFromRefsRequest(count=10**6, domid=2, refs=[8] * 10**6), "EMSGSIZE"),
         ("Gntalloc", "AllocGref", gntalloc_pb2.AllocGrefRequest(domid=2, count=2**32 - 1), "EDQUOT"),
-        ("Evtchn", "Subscribe", evtchn_pb2.SubscribeRequest(ports=list(range(10**6))), "E2BIG"),
+        ("Evtchn", "Subscribe", evtchn_pb2.SubscribeRequest(ports=list(range(10**6))), "EMSGSIZE"),
+        ("Evtchn", "Subscribe", evtchn_pb2.SubscribeRequest(ports=list(range(10_000))), "E2BIG"),
         ("MemBuf", "Alloc", membuf_pb2.MemBufAllocRequest(size=2**63, nr_acl_entries=1, acl_list=[membuf_pb2.AclEntry(vmid=1, perms=3)]), "EINVAL"),
     ],
-    ids=["map-1e6-refs", "copy-2e5-segments", "dmabuf-1e6-refs", "alloc-2^32-pages", "subscribe-1e6-ports", "membuf-2^63-bytes"],
+    ids=["map-1e6-refs", "map-7e4-refs", "copy-2e5-segments", "dmabuf-1e6-refs", "alloc-2^32-pages", "subscribe-1e6-ports",
+         "subscribe-1e4-ports", "membuf-2^63-bytes"],
 )
 def test_requests_beyond_the_limits_are_refused_before_any_work(
     target: Target, service: str, method: str, request_: Any, errno_name: str

@@ -78,7 +78,16 @@ async def test_a_bare_grpc_client_with_3000_and_5000_unary_calls_in_flight_on_on
 
 @pytest.fixture
 def load_daemon(short_tmp: Path):  # type: ignore[no-untyped-def]
-    limits = {"max_sessions": max(4096, SESSIONS + 8), "max_sessions_per_uid": max(1024, SESSIONS + 8)}
+    # One uid plays a thousand clients here: its per-uid budgets (a share of
+    # the broker for one user, see core/budgets.py) grow with the load.
+    limits = {
+        "max_sessions": max(4096, SESSIONS + 8),
+        "max_sessions_per_uid": max(1024, SESSIONS + 8),
+        "max_pool_pages_per_uid": CALLS + DOMAINS,
+        "max_ports_per_uid": CALLS,
+        "max_subscriptions_per_uid": CALLS,
+        "max_calls_per_uid": 2 * CALLS,
+    }
     daemon = start_daemon(str(short_tmp / "broker.sock"), options={"limits": limits})
     try:
         yield daemon

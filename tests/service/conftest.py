@@ -22,8 +22,21 @@ from pathlib import Path
 
 import pytest
 
+import grant_broker_client.session
+
 from grant_broker.daemon.server import BrokerServer, ServerConfig
 from grant_broker.core.policy import Limits
+
+
+@pytest.fixture(params=["fast-path", "grpc"], autouse=True)
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every service test runs twice: with the SDK's calls as frames on the
+    session's fd channel (the fast path, its default), and over gRPC — the
+    same results and the same errors either way."""
+    defaults = grant_broker_client.session.connect.__kwdefaults__
+    assert defaults is not None and "fast_path" in defaults
+    monkeypatch.setitem(defaults, "fast_path", request.param == "fast-path")
+    return str(request.param)
 
 
 @dataclass

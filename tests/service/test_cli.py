@@ -305,3 +305,27 @@ def test_a_serve_failure_with_json_is_one_json_object_on_stderr(short_tmp: Path)
     error = json_error(result, after_logs=True)
     assert (error["command"], error["errno_name"], error["operation"]) == ("serve", "EEXIST", "listen")
     assert "is not a socket" in str(error["message"])
+
+
+# ------------------------------------------------------------------ serve: budgets and the status view
+
+
+def test_limit_sets_any_budget_and_status_view_defaults_to_own() -> None:
+    args = build_parser().parse_args(
+        ["serve", "--limit", "max_pool_pages_per_uid=1024", "--limit", "fd_transfer_expiry_seconds=2.5"]
+    )
+    assert args.limit == [("max_pool_pages_per_uid", 1024), ("fd_transfer_expiry_seconds", 2.5)]
+    assert args.status_view == "own"
+    assert build_parser().parse_args(["serve", "--status-view", "all"]).status_view == "all"
+
+
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [("max_nothing=3", "NAME one of"), ("max_pool_pages_per_uid", "NAME one of"),
+     ("max_pool_pages_per_uid=lots", "not an integer"), ("max_ports_per_uid=0", "not positive")],
+)
+def test_a_bad_limit_is_a_usage_error(setting: str, says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", "--limit", setting])
+    assert exited.value.code == 2
+    assert says in capsys.readouterr().err

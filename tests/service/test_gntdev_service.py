@@ -347,11 +347,13 @@ async def test_dmabuf_wait_released_does_not_block_the_broker(sharer: Session, m
         await asyncio.wait_for(waiting, 5)
 
 
-async def test_dmabuf_import_grants_the_clients_buffer(sharer: Session, mapper: Session) -> None:
-    with OwnedFd(os.memfd_create("client-buffer", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)) as buffer:
-        os.ftruncate(buffer.fileno(), 2 * PAGE_SIZE)
-        os.pwrite(buffer.fileno(), b"imported", PAGE_SIZE)
-        imported = await sharer.gntdev.dmabuf_import(buffer, MAPPER, 2)
+async def test_dmabuf_import_grants_a_dma_buf_the_broker_exported(sharer: Session, mapper: Session) -> None:
+    # A dma-buf import takes a dma-buf, as on Linux: on the emulated backend one
+    # the broker made; a client's own memfd is refused (tests/test_emulated_security.py).
+    async with await mapper.gntalloc.share(SHARER, 2) as pages:
+        pages.view[PAGE_SIZE : PAGE_SIZE + 8] = b"imported"
+        buffer = await sharer.gntdev.dmabuf_export(MAPPER, pages.refs)
+        imported = await sharer.gntdev.dmabuf_import(buffer.fd, MAPPER, 2)
         assert len(imported.refs) == 2
         assert (await sharer.describe()).usage.granted_pages == 2
         async with await mapper.gntdev.map([(SHARER, ref) for ref in imported.refs]) as mapping:
@@ -363,6 +365,7 @@ async def test_dmabuf_import_grants_the_clients_buffer(sharer: Session, mapper: 
         with pytest.raises(BrokerClientError) as raised:
             await imported.release()
         assert raised.value.errno == errno.ENOENT
+        buffer.close()
 
 
 # --------------------------------------------------------------------------- release
@@ -385,9 +388,9 @@ async def test_session_release_returns_the_brokers_descriptors(broker: InProcess
     grant_fd = await mapper.gntdev.map_to_fd([(SHARER, ref) for ref in pages.refs])
     buffer = await mapper.gntdev.copy_buffer(PAGE_SIZE)
     exported = await mapper.gntdev.dmabuf_export(SHARER, pages.refs)
+    await mapper.gntdev.dmabuf_import(exported.fd, SHARER, len(pages.refs))
     with OwnedFd(os.memfd_create("imp", os.MFD_CLOEXEC)) as memfd:
         os.ftruncate(memfd.fileno(), PAGE_SIZE)
-        await mapper.gntdev.dmabuf_import(memfd, SHARER, 1)
         parcel = await sharer.membuf.export(memfd, [(1, 3)])
     lent = await sharer.membuf.alloc(PAGE_SIZE, [(0, 3)])
     assert open_fd_count() > baseline

@@ -162,10 +162,14 @@ async def test_closing_a_session_releases_it_and_its_descriptors(broker: InProce
 
 async def test_status_lists_sessions(broker: InProcessBroker) -> None:
     async with await grant_broker_client.connect(broker.socket_path, domid=4, client_name="listed") as session:
-        async with grpc.aio.insecure_channel(f"unix:{broker.socket_path}") as channel:
-            status = await broker_pb2_grpc.BrokerStub(channel).Status(broker_pb2.StatusRequest())
+        # Within a session of root (an administrator): every session.
+        status = await session.call(session.broker.Status, broker_pb2.StatusRequest())
         assert [(s.session_id, s.domid, s.client_name) for s in status.sessions] == [(session.session_id, 4, "listed")]
         assert status.capabilities.backend == "emulated"
+        # Without a session the caller could be anyone: no session (the default view, "own").
+        async with grpc.aio.insecure_channel(f"unix:{broker.socket_path}") as channel:
+            stranger = await broker_pb2_grpc.BrokerStub(channel).Status(broker_pb2.StatusRequest())
+        assert list(stranger.sessions) == [] and stranger.capabilities.backend == "emulated"
 
 
 async def test_connect_without_a_broker_is_unavailable(short_tmp: Path) -> None:

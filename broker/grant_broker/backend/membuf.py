@@ -386,7 +386,10 @@ class RealMemBufDevice(MemBufDevice):
         op = "mem-buf export"
         check_acl_count(acl, op)
         # The driver looks the dma-buf up (dma_buf_get: EBADF) before it reads
-        # the entries; the contract keeps that order.
+        # the entries; the contract keeps that order.  The client's descriptor
+        # is only fstat'ed here and named to the kernel, which takes its own
+        # reference (dma_buf_get accepts nothing but a dma-buf): the broker
+        # never reopens or maps it, so it lends the client no access.
         if not 0 <= dma_buf_fd <= _INT_MAX:
             raise membuf_error(errno.EBADF, op, f"fd {dma_buf_fd} is not a descriptor")
         try:

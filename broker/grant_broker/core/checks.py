@@ -4,6 +4,7 @@ before any device is touched, with a sentence saying which field is wrong."""
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterable
 
 from grant_broker.core.session import Session
 from grant_broker_protocol.abi import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
@@ -55,5 +56,53 @@ def quota_grants(session: Session, operation: str, adding: int) -> None:
     """Grants per session: what it maps (incl. dma-buf exports) plus what it grants."""
     usage = session.usage
     session.check_quota(
-        operation, "grants", usage.mapped_grants + usage.granted_pages, adding, session.limits.max_grants_per_session
+        operation,
+        "grants",
+        usage.mapped_grants + usage.granted_pages,
+        adding,
+        session.limits.max_grants_per_session,
+        "max_grants_per_session",
+    )
+
+
+def check_peers(
+    session: Session, operation: str, action: str, *, domains: Iterable[int] = (), vmids: Iterable[int] | None = None
+) -> None:
+    """The one check of the broker's policy on the domains a call names (issue 14 §5).
+
+    EPERM unless the policy lets the session's peer *action* ("map grants
+    of", "grant to", "bind to", ...) every domain of *domains* — its
+    session's own domain always — and, for a mem-buf call (*vmids*: the
+    VMIDs of its ACL), name every VMID of *vmids* and act as its session's
+    VMID (:meth:`~grant_broker.core.policy.Policy.check_owner`).  Called by every operation that names a remote domain or VMID, on
+    every call; costs an attribute look-up when the policy narrows nothing.
+    """
+    policy = session.policy
+    creds = session.creds
+    if domains:
+        allowed = policy.remote_domains_for(creds)
+        if allowed is not None:
+            own = session.domid
+            for domid in domains:
+                if domid != own and domid not in allowed:
+                    raise _refused(session, operation, f"may not {action} domain {domid}", allowed, "domains")
+    if vmids is None:
+        return
+    if session.owners is not None and session.backend.capabilities.any_domain:
+        # The VMID it acts as (chosen at the hello) is its own: granted, or first used by its uid.
+        policy.check_owner(creds, "vmid", session.vmid, session.owners, operation)
+    allowed = policy.remote_vmids_for(creds)
+    if allowed is not None:
+        own = session.vmid
+        for vmid in vmids:
+            if vmid != own and vmid not in allowed:
+                raise _refused(session, operation, f"may not {action} VMID {vmid}", allowed, "VMIDs")
+
+
+def _refused(session: Session, operation: str, what: str, allowed: frozenset[int], kind: str) -> BrokerError:
+    names = ", ".join(str(i) for i in sorted(allowed)[:16]) + (", ..." if len(allowed) > 16 else "")
+    return BrokerError(
+        errno.EPERM,
+        operation,
+        f"uid {session.creds.uid} {what}: the broker's policy lets it name only its own and {kind} {names}",
     )

@@ -13,6 +13,21 @@ Delivery rules, in the order they matter:
   reader or the other subscribers: the event is dropped *for that
   subscriber*, counted, and the subscriber sees :class:`Lost` (the count)
   right before its next delivered event.
+* **A queued port is not queued again.**  A port that fires while its
+  previous event still waits in a subscriber's queue is coalesced into that
+  event, as Xen coalesces a port that fires while it is pending: the
+  subscriber hears it once, and nothing is lost.  So a queue holds each port
+  at most once, and for an auto-unmask subscriber that has not taken it yet
+  the port stays masked (below), so the device coalesces further
+  notifications without the broker reading them.
+* **Paced per fan-out.**  The subscribers of one fan-out — one session —
+  take at most :data:`EVENTS_PER_TURN` events per turn of the event loop
+  between them; beyond that they wait for the next turn.  Whatever a
+  session's subscribers do with their events (send them to clients that do
+  not read), the work is bounded per session and turn, and other sessions'
+  calls get their turns in between.  Events wait in the queues meanwhile,
+  where the rule above coalesces them: a session notifying its own ports in
+  a loop makes its ports stay masked, not the broker busy.
 * **Nothing fired is forgotten for want of a listener.**  A port that fires
   while nobody is subscribed to it is remembered (once, however often it
   fires) and handed to the next subscription that covers it.  This is what
@@ -65,6 +80,7 @@ after closing the fan-out.
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import errno
 import logging
@@ -86,6 +102,13 @@ MAX_QUEUE_SIZE: Final = 65536
 
 READ_BATCH: Final = 256
 """Ports read per readable callback: bounded so one busy handle cannot starve the loop."""
+
+EVENTS_PER_TURN: Final = 2
+"""Events the subscribers of one fan-out take per turn of the event loop, between
+them.  An idle loop turns in microseconds, so a lone busy session is not slowed
+(a turn is as long as the work done in it); under load, each session's events
+cost at most this many sends per turn (a gRPC stream message is ~0.1 ms of
+the loop).  Measured by bench/run.py's ``bystander_under_flood``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,11 +156,13 @@ class EventHub:
     It keeps the live readers by (event loop, descriptor) — a second
     ``add_reader`` on a descriptor would silently replace the first reader
     and events would go missing, so a second fan-out is refused instead —
-    and counts the events all of them handed to subscribers.
+    and counts the events all of them handed to subscribers, and those the
+    subscribers took.
     """
 
     def __init__(self) -> None:
         self._deliveries = 0
+        self._taken = 0
         self._readers: dict[tuple[int, int], EventFanout] = {}
 
     @property
@@ -146,6 +171,59 @@ class EventHub:
         so far: a caller can tell whether a turn of the event loop delivered
         anything."""
         return self._deliveries
+
+    @property
+    def taken(self) -> int:
+        """How many events (fired ports and loss reports) subscribers have
+        taken off their queues so far: the work the fan-outs' consumers do,
+        which each fan-out paces (:data:`EVENTS_PER_TURN`)."""
+        return self._taken
+
+
+class _Pacer:
+    """At most *per_turn* events taken per turn of *loop*; the others wait
+    their turn, first come first served.
+
+    A turn ends when the loop has run what was ready when it began: the count
+    is reset by a callback scheduled with ``call_soon``, which runs in the
+    loop's next turn and grants the next *per_turn* waiters there.  Only
+    granted waiters wake (not every waiter at every turn), so a paced fan-out
+    with many subscribers costs the loop its grants, not its subscribers.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, per_turn: int) -> None:
+        self._loop = loop
+        self._per_turn = per_turn
+        self._taken = 0
+        self._scheduled = False
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def admit(self) -> None:
+        """Count one event taken; first wait for a turn with room for it."""
+        if self._taken < self._per_turn and not self._waiters:
+            self._taken += 1
+            self._schedule()
+            return
+        waiter = self._loop.create_future()
+        self._waiters.append(waiter)
+        self._schedule()
+        await waiter  # granted, and counted, by _next_turn
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._scheduled = False
+        self._taken = 0
+        while self._waiters and self._taken < self._per_turn:
+            waiter = self._waiters.popleft()
+            if not waiter.done():  # a cancelled reader
+                waiter.set_result(None)
+                self._taken += 1
+        if self._taken:
+            self._schedule()
 
 
 # A queue entry: (events lost just before this one, the port).  Carrying the
@@ -173,6 +251,8 @@ class EventFanout:
             (spurious events are harmless; event-channel users re-check
             their state on every event).  Without it, an overflow ends the
             fan-out like any other read failure.
+        events_per_turn: events its subscribers take per turn of the loop,
+            between them (:data:`EVENTS_PER_TURN`).
 
     Raises:
         RuntimeError: *handle* already has a live fan-out in *hub*, or no loop is running.
@@ -185,8 +265,10 @@ class EventFanout:
         *,
         name: str = "evtchn",
         bound_ports: Callable[[], Iterable[int]] | None = None,
+        events_per_turn: int = EVENTS_PER_TURN,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._pacer = _Pacer(self._loop, events_per_turn)
         self._hub = hub
         self._fd = handle.fileno()
         self._key = (id(self._loop), self._fd)
@@ -438,6 +520,8 @@ class Subscription:
         self.auto_unmask = auto_unmask
         self.queue_size = queue_size
         self._queue: asyncio.Queue[_Entry] = asyncio.Queue(queue_size)
+        self._queued: set[int] = set()  # ports with an entry not yet taken: coalesced, not queued again
+        self._waited: _Entry | None = None  # taken off the queue by a reader that then waited for its turn
         self._lost = 0  # dropped since the last queued event
         self.lost_total = 0
         self.delivered_total = 0
@@ -463,13 +547,18 @@ class Subscription:
     # ------------------------------------------------------------ fan-out side
 
     def _offer(self, port: int) -> bool:
-        """Queue *port* if there is room; otherwise count it as lost.  Never blocks."""
+        """Queue *port* if there is room; otherwise count it as lost.  Never
+        blocks.  True when it was queued now; False when it was lost, or
+        coalesced into its event already queued here."""
+        if port in self._queued:
+            return False
         try:
             self._queue.put_nowait((self._lost, port))
         except asyncio.QueueFull:
             self._lost += 1
             self.lost_total += 1
             return False
+        self._queued.add(port)
         self._lost = 0
         return True
 
@@ -478,8 +567,12 @@ class Subscription:
         reported with a dropped event moves to the next event kept."""
         if self._carry == port:
             self._carry = None  # its Lost report was already taken
+        self._queued.discard(port)
         kept: list[_Entry] = []
         carried = 0
+        if self._waited is not None and self._waited != _WAKE and self._waited[1] == port:
+            # The head of the queue, taken off it: its loss moves to the next event kept.
+            carried, self._waited = self._waited[0], None
         while True:
             try:
                 entry = self._queue.get_nowait()
@@ -508,6 +601,8 @@ class Subscription:
             self._unbound = None
             while not self._queue.empty():
                 self._queue.get_nowait()
+            self._queued.clear()
+            self._waited = None
         self._ended = True
         if self._queue.empty():
             # A reader can only be blocked on an empty queue: wake it to see the end.
@@ -520,10 +615,14 @@ class Subscription:
 
     async def __anext__(self) -> FanoutEvent:
         while True:
+            if self._carry is None and self._waited is None and self._queue.empty() and not self._ended:
+                # Held here, not consumed, until this reader's turn comes: its
+                # port stays coalescing (_queued) and, if held, masked.
+                self._waited = await self._queue.get()
+            # Something to take (or the end to raise): wait for the fan-out's
+            # turn first, then take it.
+            await self._fanout._pacer.admit()
             event = self._take()
-            if event is not None:
-                return event
-            event = self._consume(await self._queue.get())
             if event is not None:
                 return event
 
@@ -542,6 +641,11 @@ class Subscription:
             return Fired(port)
         if self._ended and self._unbound is None:
             self._raise_end()
+        if self._waited is not None:
+            entry, self._waited = self._waited, None
+            event = self._consume(entry)
+            if event is not None:
+                return event
         while True:
             try:
                 entry = self._queue.get_nowait()
@@ -559,7 +663,9 @@ class Subscription:
         if self._ended and self._unbound is None:
             self._raise_end()
         lost, port = entry
+        self._queued.discard(port)
         self.delivered_total += 1
+        self._fanout._hub._taken += 1
         if self.auto_unmask:
             self._fanout._room_made()
         if lost:
@@ -595,5 +701,6 @@ class Subscription:
 
     def __repr__(self) -> str:
         which = sorted(self.ports) if self.ports else "all"
-        return f"<Subscription ports={which} queued={self._queue.qsize()}/{self.queue_size} lost={self.lost_total}>"
+        queued = self._queue.qsize() + (self._waited is not None)
+        return f"<Subscription ports={which} queued={queued}/{self.queue_size} lost={self.lost_total}>"
 

@@ -7,8 +7,11 @@ own quotas live here, and are checked once, in the operations.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import errno
+import os
+from dataclasses import dataclass, field
 
+from grant_broker_protocol.errors import BrokerError
 from grant_broker_protocol.fdchannel import PeerCredentials
 
 
@@ -17,24 +20,111 @@ class Limits:
     """What one client may hold; the broker's own quotas (the kernel has almost none)."""
 
     max_sessions: int = 4096
-    max_sessions_per_uid: int = 1024
+    max_sessions_per_uid: int = 256
     max_grants_per_session: int = 65536
-    max_ports_per_session: int = 4096
+    max_ports_per_session: int = 1024
     max_pending_fd_frames: int = 16
     max_subscriptions_per_session: int = 64
     max_map_memory_per_mapping: int = 64
     fd_frame_wait_seconds: float = 5.0
     hello_timeout_seconds: float = 5.0
+    # Budgets per session and per uid (core/budgets.py): what the broker holds
+    # on a client's behalf, so that one user cannot starve the others.  The
+    # per-uid ones are the sum over all sessions of the uid.
+    fd_transfer_expiry_seconds: float = 30.0  # descriptors sent that no call claims are closed after this
+    max_fds_held_per_session: int = 1024  # pending transfers' descriptors, dma-bufs kept, copy buffers
+    max_fds_held_per_uid: int = 4096
+    max_pool_pages_per_session: int = 256  # gntalloc pages; Linux's pool (`limit`) is 1024 per domain
+    max_pool_pages_per_uid: int = 512
+    max_copy_buffer_bytes_per_session: int = 64 << 20  # client memory mapped into the broker
+    max_copy_buffer_bytes_per_uid: int = 256 << 20
+    max_ports_per_uid: int = 2048
+    max_subscriptions_per_uid: int = 256
+    max_calls_per_session: int = 1024  # calls being served (the SDK's max_in_flight is 1024 too)
+    max_calls_per_uid: int = 4096
+    # Fast-path calls of one session served at once; beyond it the broker
+    # stops reading the session's connection until one ends.
+    max_fast_calls_in_flight: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class DomainGrant:
+    """Domains (or mem-buf VMIDs) *ids* granted to the peers of uid *uid*, or of
+    (primary, as ``SO_PEERCRED`` gives it) gid *gid*.  Written
+    ``[uid:|gid:]N:ID[,ID|,FIRST-LAST...]`` on the command line (``1000:3,4``,
+    ``gid:100:10-19``): see :meth:`parse`."""
+
+    ids: frozenset[int]
+    uid: int | None = None
+    gid: int | None = None
+
+    def applies(self, creds: PeerCredentials) -> bool:
+        return creds.uid == self.uid if self.uid is not None else creds.gid == self.gid
+
+    @classmethod
+    def parse(cls, text: str) -> "DomainGrant":
+        """``1000:3,4`` (uid 1000: 3 and 4), ``uid:1000:3``, ``gid:100:10-19``.
+
+        Raises:
+            ValueError: anything else (the message says what is expected).
+        """
+        expected = f"{text!r}: expected [uid:|gid:]N:ID[,ID...] with IDs as numbers or FIRST-LAST ranges, e.g. 1000:3,4"
+        kind, _, rest = text.partition(":") if text.startswith(("uid:", "gid:")) else ("uid", "", text)
+        who, _, listed = rest.partition(":")
+        ids: set[int] = set()
+        try:
+            number = int(who)
+            for item in listed.split(","):
+                first, dash, last = item.strip().partition("-")
+                ids.update(range(int(first), int(last if dash else first) + 1))
+        except ValueError:
+            raise ValueError(expected) from None
+        if number < 0 or not ids or min(ids) < 0:
+            raise ValueError(expected)
+        return cls(frozenset(ids), uid=number) if kind == "uid" else cls(frozenset(ids), gid=number)
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """Who may open a session.  ``allowed_uids``/``allowed_gids`` empty = anyone the
-    socket permissions let in (the socket is mode 0660)."""
+    """Who may open a session, and which domains its calls may act as and name.
+
+    ``allowed_uids``/``allowed_gids`` empty = anyone the socket permissions let
+    in (the socket is mode 0660).
+
+    Domains (issue 14 §5).  Administrators (``admin_uids``) and the broker's
+    own uid (``owner_uid``; it owns the broker's devices anyway) are not
+    restricted.  For everyone else:
+
+    * **Acting as** (a backend where a session chooses its domain: the
+      emulated one).  A uid (or gid) that ``act_as_domains`` grants domains
+      may act only as those (a hello that names none: the smallest), and
+      likewise ``act_as_vmids`` for mem-buf VMIDs.  A uid granted none may act
+      as a domain or VMID that no grant names and that no other uid has acted
+      as: the first uid to act as one owns it for the broker's life
+      (:class:`DomainOwners`) — so nobody can act as another user's domain
+      to map the grants offered to it, bind the ports offered to it or import
+      what is shared with its VMID.  With ``granted_only``, a uid granted
+      none may act as none (it may open no session on such a backend).  The
+      domain is checked at the hello (it never changes), the VMID by every
+      mem-buf call.
+    * **Naming** (every backend; on a real Xen host every session acts as the
+      broker's own domain, so this is what narrows a client there): a uid or
+      gid that ``remote_domains`` names may map grants of, grant to, copy
+      with and bind event channels to only those domains (and its session's
+      own); ``remote_vmids`` likewise the VMIDs of mem-buf ACLs (and its
+      own).  A uid that no rule names is not narrowed.  Checked by every call
+      that names a domain (:func:`grant_broker.core.checks.check_peers`).
+    """
 
     allowed_uids: frozenset[int] = frozenset()
     allowed_gids: frozenset[int] = frozenset()
     admin_uids: frozenset[int] = frozenset({0})
+    act_as_domains: tuple[DomainGrant, ...] = ()
+    act_as_vmids: tuple[DomainGrant, ...] = ()
+    remote_domains: tuple[DomainGrant, ...] = ()
+    remote_vmids: tuple[DomainGrant, ...] = ()
+    granted_only: bool = False
+    owner_uid: int = field(default_factory=os.geteuid)
 
     def admits(self, creds: PeerCredentials) -> bool:
         if not self.allowed_uids and not self.allowed_gids:
@@ -43,3 +133,129 @@ class Policy:
 
     def is_admin(self, creds: PeerCredentials) -> bool:
         return creds.uid in self.admin_uids
+
+    # ------------------------------------------------------------ domains (§5)
+
+    def unrestricted(self, creds: PeerCredentials) -> bool:
+        """Administrators and the broker's own uid may act as and name any domain."""
+        return creds.uid in self.admin_uids or creds.uid == self.owner_uid
+
+    @staticmethod
+    def _granted(grants: tuple[DomainGrant, ...], creds: PeerCredentials) -> frozenset[int] | None:
+        """The union of *grants* that apply to *creds*; None when none applies."""
+        applying = [grant.ids for grant in grants if grant.applies(creds)]
+        return frozenset().union(*applying) if applying else None
+
+    def acting_domain(self, creds: PeerCredentials, domid: int | None) -> int | None:
+        """The domain a session of *creds* asks to act as, given its hello's
+        *domid* (None: named none), on a backend where sessions choose: a
+        uid granted domains gets *domid* if granted, or the smallest one;
+        anyone else *domid* itself (None: the backend's default), which
+        :meth:`check_owner` then checks.
+
+        Raises:
+            BrokerError: EPERM when *domid* is not one of those granted.
+        """
+        return self._acting(self.act_as_domains, creds, domid, "domain")
+
+    def acting_vmid(self, creds: PeerCredentials, vmid: int | None) -> int | None:
+        """As :meth:`acting_domain`, for the mem-buf VMID (checked by each
+        mem-buf call with :meth:`check_owner`)."""
+        return self._acting(self.act_as_vmids, creds, vmid, "mem-buf VMID")
+
+    def _acting(self, grants: tuple[DomainGrant, ...], creds: PeerCredentials, wanted: int | None, what: str) -> int | None:
+        granted = None if self.unrestricted(creds) else self._granted(grants, creds)
+        if granted is None:
+            return wanted
+        if wanted is None:
+            return min(granted)
+        if wanted not in granted:
+            raise _denied("open session", f"uid {creds.uid} may not act as {what} {wanted}; it may act as {_ids(granted)}")
+        return wanted
+
+    def check_owner(
+        self, creds: PeerCredentials, kind: str, ident: int, owners: "DomainOwners", operation: str = "open session"
+    ) -> None:
+        """*creds* may act as domain (*kind* ``"domain"``) or mem-buf VMID
+        (``"vmid"``) *ident*; it is recorded as *ident*'s owner if it had none.
+
+        The unrestricted may, and the uids granted *ident*; a uid granted
+        none of its kind may act as one that no grant names and that no other
+        uid has acted as before (the first uid to act as one owns it for the
+        broker's life) — unless ``granted_only``.
+
+        Raises:
+            BrokerError: EPERM otherwise.
+        """
+        if kind == "domain":
+            grants, what, option = self.act_as_domains, "domain", "--allow-domain"
+        else:
+            grants, what, option = self.act_as_vmids, "mem-buf VMID", "--allow-vmid"
+        if not self.unrestricted(creds):
+            granted = self._granted(grants, creds)
+            owner = owners.owner(kind, ident)
+            if granted is not None:
+                if ident not in granted:
+                    raise _denied(operation, f"uid {creds.uid} may not act as {what} {ident}; it may act as {_ids(granted)}")
+            elif self.granted_only:
+                raise _denied(
+                    operation,
+                    f"uid {creds.uid} (gid {creds.gid}) may act as no {what} on this broker; "
+                    f"an administrator grants them with serve {option} UID:ID[,ID...]",
+                )
+            elif any(ident in grant.ids for grant in grants):
+                raise _denied(operation, f"{what} {ident} is reserved by the broker's policy for the users granted it")
+            elif owner is not None and owner != creds.uid:
+                raise _denied(
+                    operation,
+                    f"{what} {ident} belongs to another user (the first to act as it on this broker); choose another, "
+                    f"or ask an administrator to grant you one with serve {option}",
+                )
+        owners.claim(kind, ident, creds.uid)
+
+    def remote_domains_for(self, creds: PeerCredentials) -> frozenset[int] | None:
+        """The domains (besides its own) a session of *creds* may name; None: any."""
+        if not self.remote_domains or self.unrestricted(creds):
+            return None
+        return self._granted(self.remote_domains, creds)
+
+    def remote_vmids_for(self, creds: PeerCredentials) -> frozenset[int] | None:
+        """The mem-buf VMIDs (besides its own) a session of *creds* may name in an ACL; None: any."""
+        if not self.remote_vmids or self.unrestricted(creds):
+            return None
+        return self._granted(self.remote_vmids, creds)
+
+
+class DomainOwners:
+    """Which uid first acted as each domain and mem-buf VMID of a broker (one
+    per :class:`~grant_broker.core.registry.SessionRegistry`): the owner of
+    one that no grant names, for :meth:`Policy.check_owner`."""
+
+    def __init__(self) -> None:
+        self._owners: dict[tuple[str, int], int] = {}
+
+    def owner(self, kind: str, ident: int) -> int | None:
+        return self._owners.get((kind, ident))
+
+    def claim(self, kind: str, ident: int, uid: int) -> None:
+        """*uid* owns *ident* unless someone already does."""
+        self._owners.setdefault((kind, ident), uid)
+
+
+def _denied(operation: str, detail: str) -> BrokerError:
+    return BrokerError(errno.EPERM, operation, detail)
+
+
+def _ids(ids: frozenset[int]) -> str:
+    """*ids* for a message: ``3, 4, 10-19``."""
+    ordered = sorted(ids)
+    runs: list[str] = []
+    start = previous = ordered[0]
+    for number in [*ordered[1:], None]:
+        if number is not None and number == previous + 1:
+            previous = number
+            continue
+        runs.append(str(start) if start == previous else f"{start}-{previous}")
+        if number is not None:
+            start = previous = number
+    return ", ".join(runs)

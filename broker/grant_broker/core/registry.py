@@ -13,8 +13,9 @@ import logging
 from collections.abc import Callable
 
 from grant_broker.backend.contract import Backend
+from grant_broker.core.budgets import SESSIONS, UserBudget
 from grant_broker.core.events import EventHub
-from grant_broker.core.policy import Limits, Policy
+from grant_broker.core.policy import DomainOwners, Limits, Policy
 from grant_broker.core.session import Session
 from grant_broker_protocol.errors import BrokerError
 from grant_broker_protocol.fdchannel import FdChannel, PeerCredentials
@@ -44,6 +45,10 @@ class SessionRegistry:
         self._by_token: dict[str, Session] = {}
         self._ids = itertools.count(1)
         self.event_hub = EventHub()
+        # The budgets of each uid with a live session (core/budgets.py).
+        self._users: dict[int, UserBudget] = {}
+        # Who first acted as which domain and VMID (issue 14 §5; core/policy.py).
+        self.domain_owners = DomainOwners()
 
     @property
     def sessions(self) -> list[Session]:
@@ -63,25 +68,40 @@ class SessionRegistry:
             raise BrokerError(errno.EPERM, operation, f"uid {creds.uid} (pid {creds.pid}) is not allowed by the broker's policy")
         if len(self._sessions) >= self.limits.max_sessions:
             raise BrokerError(errno.EDQUOT, operation, f"the broker serves its maximum of {self.limits.max_sessions} sessions")
-        same_uid = sum(1 for s in self._sessions.values() if s.creds.uid == creds.uid)
-        if same_uid >= self.limits.max_sessions_per_uid:
-            raise BrokerError(
-                errno.EDQUOT,
-                operation,
-                f"uid {creds.uid} already has {same_uid} sessions (limit {self.limits.max_sessions_per_uid})",
-            )
+        user = self._users.get(creds.uid) or UserBudget(creds.uid, self.limits)
+        user.check(operation, SESSIONS, 1)
+        if self.provider.any_domain:
+            # A backend where the session chooses its domain: one it may act as (issue 14 §5, core/policy.py).
+            domid = self.policy.acting_domain(creds, domid)
+            vmid = self.policy.acting_vmid(creds, vmid)
         try:
             backend = self.provider.backend(domid, vmid)
         except ValueError as exc:  # a domid the backend cannot be (emulated: above 0x7FEF)
             raise BrokerError(errno.EINVAL, operation, str(exc)) from None
-        session = Session(next(self._ids), channel, creds, backend, client_name or f"pid {creds.pid}", self.limits, self.event_hub)
+        if self.provider.any_domain:
+            try:
+                self.policy.check_owner(creds, "domain", backend.domid, self.domain_owners)
+            except BaseException:
+                backend.close()
+                raise
+        session = Session(
+            next(self._ids), channel, creds, backend, client_name or f"pid {creds.pid}", self.limits, self.event_hub, user
+        )
+        session.policy = self.policy
+        session.owners = self.domain_owners
+        user.charge(operation, SESSIONS, 1)
+        self._users[creds.uid] = user
         self._sessions[session.id] = session
         self._by_token[session.token] = session
         log.info(
-            "session %d opened: %s, pid %d uid %d, domain %d",
+            "session %d opened: %r, pid %d uid %d, domain %d",
             session.id, session.client_name, creds.pid, creds.uid, session.domid,
         )
         return session
+
+    def user_budget(self, uid: int) -> UserBudget | None:
+        """What the live sessions of *uid* hold (``None``: it has none, and holds nothing)."""
+        return self._users.get(uid)
 
     def lookup(self, token: str | None) -> Session:
         """The live session whose token is *token*.
@@ -99,9 +119,14 @@ class SessionRegistry:
 
     def close_session(self, session: Session) -> None:
         """Forget *session* and release everything it holds."""
-        self._sessions.pop(session.id, None)
+        known = self._sessions.pop(session.id, None) is not None
         self._by_token.pop(session.token, None)
         session.release()
+        if known:
+            user = session.user
+            user.credit(SESSIONS, 1)
+            if user.empty and self._users.get(user.uid) is user:
+                del self._users[user.uid]
 
     def close(self) -> None:
         """Release every session (broker shutdown)."""

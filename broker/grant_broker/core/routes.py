@@ -13,27 +13,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import message_factory
-from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
-from grant_broker.core.operations import broker, evtchn, gntalloc, gntdev, membuf
+from grant_broker.core.operations import broker, copyring, evtchn, gntalloc, gntdev, membuf
 from grant_broker.core.reply import Reply
 from grant_broker.core.session import Session
-from grant_broker_protocol.v1 import broker_pb2, evtchn_pb2, gntalloc_pb2, gntdev_pb2, membuf_pb2
-
-SERVICES: dict[str, ServiceDescriptor] = {
-    service.name: service
-    for module in (broker_pb2, gntdev_pb2, gntalloc_pb2, evtchn_pb2, membuf_pb2)
-    for service in module.DESCRIPTOR.services_by_name.values()
-}
-"""The protocol's services by short name (``"Gntdev"``)."""
+from grant_broker_protocol.methods import Method, method
+from grant_broker_protocol.v1 import evtchn_pb2
 
 UnaryOperation = Callable[[Any, Any], Awaitable[Reply[Any]]]
 StreamOperation = Callable[[Any, Any], AsyncIterator[Any]]
-
-FD_TRANSFER_FIELD = "fd_transfer"
-"""The field by which a request or response names the descriptors that go with it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,35 +43,47 @@ class Route:
     session_optional: bool = False
 
     @property
-    def descriptor(self) -> MethodDescriptor:
-        return SERVICES[self.service].methods_by_name[self.method]
+    def method_info(self) -> Method:
+        """The protocol's method this route serves (types, descriptors, fd passing)."""
+        return method(self.service, self.method)
 
     @property
     def full_name(self) -> str:
         """``/grant_broker.v1.Gntdev/Map``: the method as gRPC names it on the wire."""
-        return f"/{SERVICES[self.service].full_name}/{self.method}"
+        return self.method_info.full_name
 
     @property
     def request_type(self) -> type[Message]:
-        return message_factory.GetMessageClass(self.descriptor.input_type)
+        return self.method_info.request_type
 
     @property
     def response_type(self) -> type[Message]:
-        return message_factory.GetMessageClass(self.descriptor.output_type)
-
-    @property
-    def receives_fds(self) -> bool:
-        """The request names descriptors the client sends with it."""
-        return FD_TRANSFER_FIELD in self.descriptor.input_type.fields_by_name
+        return self.method_info.response_type
 
     @property
     def sends_fds(self) -> bool:
         """The response names descriptors the broker sends with it."""
-        return FD_TRANSFER_FIELD in self.descriptor.output_type.fields_by_name
+        return self.method_info.sends_fds
 
 
 def _unary(service: str, method: str, operation: UnaryOperation, *, session_optional: bool = False) -> Route:
-    return Route(service, method, operation, session_optional=session_optional)
+    return Route(service, method, _in_flight(f"{service}.{method}", operation), session_optional=session_optional)
+
+
+def _in_flight(name: str, operation: UnaryOperation) -> UnaryOperation:
+    """*operation*, counted against its session's (and uid's) budget of calls in
+    flight while it runs, whichever transport called it — once: a transport
+    that counted the call already (the gRPC handler does, before it reads the
+    request) is not counted again (see ``Session.call_in_flight``).  Streams
+    are bounded as subscriptions instead."""
+
+    async def counted(session: Session | None, request: Any) -> Reply[Any]:
+        if session is None:
+            return await operation(session, request)
+        with session.call_in_flight(name):
+            return await operation(session, request)
+
+    return counted
 
 
 def build_routes(status: broker.BrokerStatus, *, streams_ended: Callable[[], bool]) -> tuple[Route, ...]:
@@ -104,6 +105,9 @@ def build_routes(status: broker.BrokerStatus, *, streams_ended: Callable[[], boo
         _unary("Gntdev", "RegisterCopyBuffer", gntdev.register_copy_buffer),
         _unary("Gntdev", "UnregisterCopyBuffer", gntdev.unregister_copy_buffer),
         _unary("Gntdev", "GrantCopy", gntdev.grant_copy),
+        _unary("Gntdev", "CreateCopyRing", copyring.create_copy_ring),
+        _unary("Gntdev", "SubmitCopyRing", copyring.submit_copy_ring),
+        _unary("Gntdev", "DestroyCopyRing", copyring.destroy_copy_ring),
         _unary("Gntdev", "DmabufExportFromRefs", gntdev.dmabuf_export_from_refs),
         _unary("Gntdev", "DmabufExportWaitReleased", gntdev.dmabuf_export_wait_released),
         _unary("Gntdev", "DmabufImportToRefs", gntdev.dmabuf_import_to_refs),

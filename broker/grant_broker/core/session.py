@@ -6,23 +6,31 @@ that connection closes, whatever the reason.  It owns its own device
 instances — opened lazily — and every descriptor, mapping, grant and port it
 created; :meth:`Session.release` gives all of them back, which fires the
 unmap notifications of its mappings.
+
+What it holds is counted against its budgets and its uid's
+(:mod:`grant_broker.core.budgets`): operations call :meth:`Session.charge`
+before they take something and :meth:`Session.credit` when they give it back;
+:meth:`Session.release` credits whatever is left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from grant_broker.backend.contract import Backend, EvtchnHandle, GntallocInstance, GntdevInstance, MemBufDevice
+from grant_broker.core.budgets import CALLS, FDS_HELD, Budget, UserBudget, over_budget
 from grant_broker.core.events import EventHub
-from grant_broker.core.policy import Limits
+from grant_broker.core.policy import DomainOwners, Limits, Policy
 from grant_broker_protocol.errors import BrokerError
 from grant_broker_protocol.fdchannel import FdChannel, PeerCredentials
 from grant_broker_protocol.fds import OwnedFd
@@ -31,6 +39,19 @@ from grant_broker_protocol.transfers import TransferTable, select_fds
 log = logging.getLogger(__name__)
 
 _State = TypeVar("_State")
+
+# The session whose call the current task is serving, and that task, once
+# counted (Session.call_in_flight).
+_COUNTED_CALL: contextvars.ContextVar["tuple[Session, asyncio.Task[Any] | None] | None"] = contextvars.ContextVar(
+    "grant_broker_counted_call", default=None
+)
+
+
+def _current_task() -> "asyncio.Task[Any] | None":
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop
+        return None
 
 
 @dataclass
@@ -50,6 +71,13 @@ class Usage:
 class Session:
     """One authenticated client connection and everything it holds."""
 
+    policy: Policy = Policy()
+    """The broker's policy, which the calls check the domains they name
+    against (set by the registry that opened the session)."""
+    owners: DomainOwners | None = None
+    """Who owns which domain and VMID on this broker (the registry's; None for
+    a session made without one: no owners are checked)."""
+
     def __init__(
         self,
         session_id: int,
@@ -59,6 +87,7 @@ class Session:
         client_name: str,
         limits: Limits,
         event_hub: EventHub,
+        user: UserBudget | None = None,
     ) -> None:
         self.id = session_id
         self.token = secrets.token_urlsafe(32)
@@ -74,7 +103,15 @@ class Session:
         # Per-area state (gntdev ledger, event channels, ...), made by the
         # operations on first use; see service_state().
         self.resources: dict[str, Any] = {}
-        self.incoming = TransferTable(max_pending=limits.max_pending_fd_frames)
+        # The budgets of the session's uid, shared with its other sessions
+        # (the registry's); a session made on its own has its own.
+        self.user = user if user is not None else UserBudget(creds.uid, limits)
+        self.held: Counter[Budget] = Counter()
+        self.incoming = TransferTable(
+            max_pending=limits.max_pending_fd_frames,
+            expire_after=limits.fd_transfer_expiry_seconds,
+            budget=_PendingDescriptors(self),
+        )
         self._gntdev: GntdevInstance | None = None
         self._gntalloc: GntallocInstance | None = None
         self._evtchn: EvtchnHandle | None = None
@@ -146,14 +183,71 @@ class Session:
         """Run *cleanup* when the session is released (last registered runs first)."""
         self._cleanups.append(cleanup)
 
-    def check_quota(self, operation: str, what: str, used: int, adding: int, limit: int) -> None:
-        """EDQUOT when *adding* to *used* of *what* would pass *limit*."""
+    def check_quota(self, operation: str, what: str, used: int, adding: int, limit: int, name: str | None = None) -> None:
+        """EDQUOT when *adding* to *used* of *what* would pass *limit* (the
+        ``Limits`` field *name*, which the refusal names)."""
         if used + adding > limit:
+            budget = f" (budget {name})" if name else ""
             raise BrokerError(
                 errno.EDQUOT,
                 operation,
-                f"this session holds {used} {what} and asked for {adding} more; the limit is {limit}",
+                f"this session holds {used} {what} and asked for {adding} more; the limit is {limit}{budget}",
             )
+
+    # ---------------------------------------------------------------- budgets
+
+    def charge(self, operation: str, budget: Budget, count: int = 1) -> None:
+        """Count *count* more of *budget* against this session and its uid.
+
+        Raises:
+            BrokerError: EDQUOT naming the budget (session's or uid's) and its
+                limit, counting nothing; ECANCELED once the session is released
+                (nothing would credit it back).
+        """
+        self.check_live(operation)
+        used = self.held[budget]
+        limit = budget.session_limit(self.limits)
+        if limit is not None and used + count > limit:
+            assert budget.per_session is not None
+            raise over_budget(operation, "this session holds", budget, budget.per_session, used, count, limit)
+        self.user.charge(operation, budget, count)
+        self.held[budget] += count
+
+    def credit(self, budget: Budget, count: int = 1) -> None:
+        """Give back *count* of *budget*.  After the release (which credited
+        everything) it does nothing, so a late path cannot credit twice."""
+        count = min(count, self.held[budget])
+        if count <= 0:
+            return
+        self.held[budget] -= count
+        self.user.credit(budget, count)
+
+    @contextlib.contextmanager
+    def call_in_flight(self, operation: str) -> Iterator[None]:
+        """A call of this session is being served (bounded by the CALLS budget).
+
+        Counted once per call however many layers say so: a transport may
+        take the place early (the gRPC handler, before it reads the request)
+        and the route table takes it around every operation
+        (:mod:`grant_broker.core.routes`); within the same task, the inner one
+        is the outer one's."""
+        here = (self, _current_task())
+        if _COUNTED_CALL.get() == here:  # (a task made meanwhile inherits the variable, not the task)
+            yield
+            return
+        self.charge(operation, CALLS)
+        token = _COUNTED_CALL.set(here)
+        try:
+            yield
+        finally:
+            _COUNTED_CALL.reset(token)
+            self.credit(CALLS)
+
+    def _credit_all(self) -> None:
+        held, self.held = self.held, Counter()
+        for budget, count in held.items():
+            if count > 0:
+                self.user.credit(budget, count)
 
     # ---------------------------------------------------------------- descriptors from the client
 
@@ -185,7 +279,22 @@ class Session:
         with _logged(f"session {self.id}: closing backend"):
             self.backend.close()
         self.channel.close()
-        log.info("session %d (%s, pid %d) released", self.id, self.client_name, self.creds.pid)
+        # Everything is given back now, whichever paths the resources took.
+        self._credit_all()
+        log.info("session %d (%r, pid %d) released", self.id, self.client_name, self.creds.pid)
+
+
+class _PendingDescriptors:
+    """The session's budget of descriptors held, as its transfer table counts them."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def charge(self, count: int) -> None:
+        self._session.charge("fd transfer", FDS_HELD, count)
+
+    def credit(self, count: int) -> None:
+        self._session.credit(FDS_HELD, count)
 
 
 @contextlib.contextmanager

@@ -25,11 +25,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from grant_broker.backend.contract import Capabilities
-from grant_broker.core.operations.broker import BrokerStatus
+from grant_broker.core.operations.broker import BrokerStatus, StatusView
 from grant_broker.core.operations.evtchn import end_subscriptions
 from grant_broker.core.policy import Limits, Policy
 from grant_broker.core.registry import SessionRegistry
-from grant_broker.core.routes import SERVICES, build_routes
+from grant_broker.core.routes import Route, build_routes
+from grant_broker_protocol.methods import SERVICES
 from grant_broker.daemon.backends import BackendChoice, choose_backend
 from grant_broker.transport.fdchannel import FdChannelServer
 from grant_broker.transport.grpc.handlers import generic_handlers
@@ -72,13 +73,20 @@ class ServerConfig:
     grace_seconds: float = 5.0
     policy: Policy = field(default_factory=Policy)
     limits: Limits = field(default_factory=Limits)
-    # Status shows every session; by default anyone who can open the socket may ask.
-    status_requires_admin: bool = False
+    # Who sees which sessions in Status: "own" (default) — administrators
+    # (policy.admin_uids) see all, others their own uid's, callers without a
+    # session none; "all" — whoever can open the socket sees every session.
+    status_view: StatusView = "own"
+    # Calls as frames on the session's fd channel, for clients that ask (see fdchannel.proto).
+    fast_path: bool = True
 
 
 def _prepare_socket_path(path: str) -> None:
-    """Refuse a live broker's socket; remove a stale one; create the directory."""
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    """Create the directory and refuse one others could write; refuse a live
+    broker's socket; remove a stale one."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    check_socket_directory(directory)
     for candidate, kind in ((path, socket.SOCK_STREAM), (fd_channel_path(path), socket.SOCK_SEQPACKET)):
         try:
             mode = os.lstat(candidate).st_mode
@@ -99,6 +107,41 @@ def _prepare_socket_path(path: str) -> None:
             raise BrokerError(errno.EADDRINUSE, "listen", f"another broker is serving on {candidate}")
         finally:
             probe.close()
+
+
+def check_socket_directory(directory: str) -> None:
+    """Refuse a socket directory that anyone but the broker's user (or root)
+    could write: whoever can write there can replace the sockets with their
+    own and capture the clients' hellos (their credentials and names, and the
+    descriptors they send).  Group-writable counts (the group is typically the
+    clients'), and so does a sticky directory such as /tmp itself (the names
+    can be taken before the broker binds them).
+
+    Raises:
+        BrokerError: EPERM saying what is wrong and how to fix it.
+    """
+    info = os.stat(directory)
+    if not stat.S_ISDIR(info.st_mode):
+        raise BrokerError(errno.ENOTDIR, "listen", f"the socket directory {directory} is not a directory")
+    euid = os.geteuid()
+    if info.st_uid not in (euid, 0):
+        raise BrokerError(
+            errno.EPERM,
+            "listen",
+            f"the socket directory {directory} belongs to uid {info.st_uid}, neither the broker's user (uid {euid}) "
+            f"nor root: its owner could replace the broker's sockets and capture its clients' hellos; "
+            f"chown it to uid {euid} or give --socket a path in a directory of the broker's own",
+        )
+    writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if writable:
+        who = {stat.S_IWGRP: "its group", stat.S_IWOTH: "every user"}.get(writable, "its group and every user")
+        raise BrokerError(
+            errno.EPERM,
+            "listen",
+            f"the socket directory {directory} is writable by {who} (mode {stat.S_IMODE(info.st_mode):04o}): "
+            f"they could replace the broker's sockets and capture its clients' hellos; make it writable by its "
+            f"owner only (chmod go-w {directory}) or give --socket a path in a directory of the broker's own",
+        )
 
 
 class BrokerServer:
@@ -126,9 +169,11 @@ class BrokerServer:
         _prepare_socket_path(config.socket_path)
         self._backend = choose_backend(config.backend)
         self.registry = SessionRegistry(self._backend.provider, config.policy, config.limits)
-        self._fd_channels = FdChannelServer(self.registry)
+        status = BrokerStatus(self.registry, self._backend.capabilities, view=config.status_view)
+        routes = build_routes(status, streams_ended=lambda: self._ending)
+        self._fd_channels = FdChannelServer(self.registry, routes if config.fast_path else ())
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        self._add_services(server)
+        self._add_services(server, routes)
         try:
             server.add_insecure_port(f"unix:{config.socket_path}")
             await server.start()
@@ -153,11 +198,9 @@ class BrokerServer:
     def _service_names() -> list[str]:
         return [service.full_name for service in SERVICES.values()]
 
-    def _add_services(self, server: grpc.aio.Server) -> None:
+    def _add_services(self, server: grpc.aio.Server, routes: tuple[Route, ...]) -> None:
         registry = self.registry
-        assert registry is not None and self._backend is not None
-        status = BrokerStatus(registry, self._backend.capabilities, requires_admin=self.config.status_requires_admin)
-        routes = build_routes(status, streams_ended=lambda: self._ending)
+        assert registry is not None
         server.add_generic_rpc_handlers(generic_handlers(registry, routes))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]  # unannotated in its stubs

@@ -1,12 +1,14 @@
-"""The fd channel server: the hello that opens a session, and the descriptors clients send.
+"""The fd channel server: the hello that opens a session, descriptors, and fast-path calls.
 
 Each connected channel is served in a task of its own: the hello (within
 ``Limits.hello_timeout_seconds``, with no descriptors accepted before the
-peer is authenticated by ``SO_PEERCRED``), then transfer frames, whose
-descriptors go to the session's transfer table until a call takes them.  The
-channel's end — whatever the reason — releases the session.  A client that
-breaks the protocol is told why in a ``ProtocolError`` frame before the
-channel is closed.
+peer is authenticated by ``SO_PEERCRED``), then frames: transfers, whose
+descriptors go to the session's transfer table until a call takes them, and
+— when the hello agreed on the fast path — calls, served by
+:class:`~grant_broker.transport.fastpath.FastPath`.  The channel's end —
+whatever the reason — releases the session.  A client that breaks the
+protocol is told why in a ``ProtocolError`` frame before the channel is
+closed.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from grant_broker.core.registry import SessionRegistry
+from grant_broker.core.routes import Route
 from grant_broker.core.session import Session
+from grant_broker.transport.fastpath import FastPath
 from grant_broker_protocol.errors import BrokerError
 from grant_broker_protocol.fdchannel import (
+    FAST_PATH_FRAME_BYTES,
+    FAST_PATH_VERSION,
     MAX_FDS_PER_FRAME,
     PROTOCOL_VERSION,
     ChannelClosed,
@@ -34,10 +40,12 @@ log = logging.getLogger(__name__)
 
 
 class FdChannelServer:
-    """Serves the fd channels of one broker's sessions."""
+    """Serves the fd channels of one broker's sessions, and their fast-path
+    calls from *routes* (none: the fast path is not offered)."""
 
-    def __init__(self, registry: SessionRegistry) -> None:
+    def __init__(self, registry: SessionRegistry, routes: Iterable[Route] = ()) -> None:
         self.registry = registry
+        self._routes = {route.full_name: route for route in routes}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def accept(self, channel: FdChannel) -> None:
@@ -48,9 +56,10 @@ class FdChannelServer:
 
     async def _serve(self, channel: FdChannel) -> None:
         session: Session | None = None
+        fast: FastPath | None = None
         try:
-            session = await self._handshake(channel)
-            await self._receive_transfers(session)
+            session, fast = await self._handshake(channel)
+            await self._receive_frames(session, fast)
         except ChannelClosed:
             pass
         except ProtocolError as exc:
@@ -61,12 +70,14 @@ class FdChannelServer:
         except Exception:  # noqa: BLE001 - a bug; it ends this channel only, and is logged
             log.exception("fd channel of session %s failed unexpectedly", session.id if session else "-")
         finally:
+            if fast is not None:
+                await fast.close()
             if session is not None:
                 self.registry.close_session(session)
             else:
                 channel.close()
 
-    async def _handshake(self, channel: FdChannel) -> Session:
+    async def _handshake(self, channel: FdChannel) -> tuple[Session, FastPath | None]:
         creds = channel.peer_credentials()
         try:
             async with asyncio.timeout(self.registry.limits.hello_timeout_seconds):
@@ -97,6 +108,8 @@ class FdChannelServer:
             )
         except BrokerError as exc:
             raise ProtocolError(exc.detail or str(exc), errno=exc.errno) from None
+        fast_path = self._routes and hello.fast_path_version >= FAST_PATH_VERSION
+        limits = self.registry.limits
         try:
             await channel.send(
                 FdFrame(
@@ -107,15 +120,21 @@ class FdChannelServer:
                         domid=session.domid,
                         vmid=session.vmid,
                         max_fds_per_frame=MAX_FDS_PER_FRAME,
+                        fast_path_version=FAST_PATH_VERSION if fast_path else 0,
+                        max_frame_bytes=FAST_PATH_FRAME_BYTES if fast_path else channel.max_frame_bytes,
+                        max_calls_in_flight=limits.max_fast_calls_in_flight if fast_path else 0,
                     )
                 )
             )
         except BaseException:
             self.registry.close_session(session)
             raise
-        return session
+        if not fast_path:
+            return session, None
+        channel.max_frame_bytes = FAST_PATH_FRAME_BYTES
+        return session, FastPath(session, self._routes, limits.max_fast_calls_in_flight)
 
-    async def _receive_transfers(self, session: Session) -> None:
+    async def _receive_frames(self, session: Session, fast: FastPath | None) -> None:
         channel = session.channel
         while True:
             try:
@@ -131,12 +150,21 @@ class FdChannelServer:
                 # Not the client's fault: the call naming the transfer fails, the session goes on.
                 self._refuse_on_error(lambda: session.incoming.fail(exc.transfer_id, error))
                 continue
-            if frame.WhichOneof("body") != "transfer":
+            body = frame.WhichOneof("body")
+            if body == "transfer":
+                transfer_id = frame.transfer.transfer_id
+                self._refuse_on_error(lambda: session.incoming.deliver(transfer_id, fds))
+            elif body == "call" and fast is not None:
+                await fast.start(frame.call)
+                # One frame at a time per session: a session that floods
+                # frames gives every other session its turn in between.
+                await asyncio.sleep(0)
+            elif body == "cancel" and fast is not None:
+                fast.cancel(frame.cancel.call_id)
+            else:
                 for fd in fds:
                     fd.close()
-                raise ProtocolError(f"unexpected {frame.WhichOneof('body')} frame after the hello")
-            transfer_id = frame.transfer.transfer_id
-            self._refuse_on_error(lambda: session.incoming.deliver(transfer_id, fds))
+                raise ProtocolError(f"unexpected {body} frame after the hello")
 
     @staticmethod
     def _refuse_on_error(record: Callable[[], None]) -> None:

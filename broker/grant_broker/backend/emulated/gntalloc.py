@@ -12,8 +12,8 @@ Behaviour follows Linux ``drivers/xen/gntalloc.c``:
   still maps it, as ``gnttab_end_foreign_access`` does;
 * granting to a domain that does not exist is allowed (Linux never checks).
 
-Each allocation is one memfd (a :class:`~.grants.Backing`), so the spans of
-one allocation coalesce into one descriptor.  As on Linux, the instance's own
+Each allocation is one memfd (a :class:`~.grants.Backing`, sealed against
+resizing), so the spans of one allocation coalesce into one descriptor.  As on Linux, the instance's own
 mmaps of its pages cannot be tracked: the notification fires at dealloc or
 close, not at a later munmap.
 """
@@ -92,7 +92,7 @@ class EmulatedGntalloc(LinkedInstance, GntallocInstance):
                     f"domain {self.domid} has {in_use} gntalloc pages; {count} more exceed the limit of {limit}",
                 )
             table = self._hv.grants.create(self.domid)
-            backing = Backing.allocate(count, f"gntalloc-d{self.domid}")
+            backing = self._hv.memory.allocate(count, f"gntalloc-d{self.domid}")
             try:
                 refs = table.grant_pages(backing, range(count), domid, readonly=not writable, operation=operation)
             except BaseException:

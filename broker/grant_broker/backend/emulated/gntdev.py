@@ -20,7 +20,9 @@ Emulation limits (also listed in the backend's capability notes):
   (on Linux it stays until munmap, and the notification waits for that
   munmap; here it fires at unmap / close);
 * a dma-buf export must be exactly the pages of one backing (one gntalloc
-  allocation or one imported buffer), in order from its first page;
+  allocation), in order from its first page;
+* a dma-buf import takes only memory the hypervisor made (see
+  :meth:`EmulatedGntdev._dma_buf_backing`), never a file of the client's;
 * ``get_offset_for_vaddr`` recognises a mapping by the backing file and
   offset mapped at *vaddr*, so another mapping of the same pages at that
   address (e.g. the granter's own) is taken for this instance's.
@@ -29,8 +31,8 @@ Emulation limits (also listed in the backend's capability notes):
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
-import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,7 +58,16 @@ from grant_broker.uapi.gntdev import (
 from grant_broker.uapi.grant_table import GNTST_okay
 
 from .instance import LinkedInstance
-from .grants import Backing, GrantEntry, GrantStatusError, export_byte_locked, lock_export_byte, spans_of
+from .grants import (
+    Backing,
+    GrantEntry,
+    GrantStatusError,
+    access_mode,
+    export_byte_locked,
+    lock_export_byte,
+    reopen_own_memfd,
+    spans_of,
+)
 
 if TYPE_CHECKING:
     from .hypervisor import EmulatedHypervisor
@@ -322,11 +333,46 @@ class EmulatedGntdev(LinkedInstance, GntdevInstance):
             # Linux checks a segment as it reaches it, and may already have
             # copied earlier ones; the contract promises EINVAL before
             # anything is copied, so every segment is checked first.
-            plans = [self._check_segment(i, seg, operation) for i, seg in enumerate(segments)]
-            return [self._copy_one(seg, src, dst) for seg, (src, dst) in zip(segments, plans)]
+            views: dict[int, memoryview] = {}  # each local buffer as bytes, checked once per call
+            plans = [self._check_segment(i, seg, operation, views) for i, seg in enumerate(segments)]
+            statuses: list[int] = []
+            # Segments contiguous on both sides (one backing, one local buffer,
+            # adjacent offsets) are copied at once: a page-sized segment costs
+            # a syscall otherwise, and a batch of them is usually one run.
+            run: _CopyRun | None = None
+            for seg, (src_view, dst_view) in zip(segments, plans):
+                source, dest = seg.source, seg.dest
+                try:
+                    src_entry, dst_entry = self._claim(source, dest)
+                except GrantStatusError as refusal:
+                    statuses.append(refusal.status)  # nothing copied: a run goes on past it
+                    continue
+                statuses.append(GNTST_okay)
+                if dst_entry is None:  # granted page -> local buffer
+                    assert src_entry is not None and dst_view is not None
+                    reading, entry, page_offset, view, local_offset = True, src_entry, source.offset, dst_view, dest.offset
+                elif src_entry is None:  # local buffer -> granted page
+                    assert src_view is not None
+                    reading, entry, page_offset, view, local_offset = False, dst_entry, dest.offset, src_view, source.offset
+                else:  # granted page -> granted page: on its own, in order
+                    if run is not None:
+                        run.copy()
+                        run = None
+                    _copy_between(seg, src_entry, dst_entry)
+                    continue
+                file_offset = entry.offset + page_offset
+                if run is not None and run.continued_by(reading, entry.backing, file_offset, view, local_offset):
+                    run.length += seg.length
+                    continue
+                if run is not None:
+                    run.copy()
+                run = _CopyRun(reading, entry.backing, file_offset, view, local_offset, seg.length)
+            if run is not None:
+                run.copy()
+            return statuses
 
     def _check_segment(
-        self, i: int, seg: GrantCopySegment, operation: str
+        self, i: int, seg: GrantCopySegment, operation: str, views: dict[int, memoryview]
     ) -> tuple[memoryview | None, memoryview | None]:
         """``gntdev_grant_copy_seg``'s checks; returns the local views (source, dest)."""
         source, dest, length = seg.source, seg.dest, seg.length
@@ -334,33 +380,42 @@ class EmulatedGntdev(LinkedInstance, GntdevInstance):
             raise BrokerError(errno.EINVAL, operation, f"segment {i}: both sides are local buffers")
         if not 0 <= length <= _U16:
             raise BrokerError(errno.EINVAL, operation, f"segment {i}: length {length} does not fit the 16-bit field")
-        views: list[memoryview | None] = []
-        for side, name in ((source, "source"), (dest, "destination")):
-            if isinstance(side, CopyForeign):
-                if side.offset < 0 or side.offset + length > PAGE_SIZE:
-                    raise BrokerError(
-                        errno.EINVAL,
-                        operation,
-                        f"segment {i}: {name} ref {side.ref} of domain {side.domid}: "
-                        f"{length} bytes at offset {side.offset} cross the page boundary",
-                    )
-                views.append(None)
-                continue
-            try:
-                view = side.buffer.cast("B") if side.buffer.format != "B" or side.buffer.ndim != 1 else side.buffer
-            except TypeError:
-                raise BrokerError(errno.EINVAL, operation, f"segment {i}: {name} buffer is not contiguous") from None
-            if side.offset < 0 or side.offset + length > view.nbytes:
+        return (
+            self._check_side(i, source, "source", length, operation, views),
+            self._check_side(i, dest, "destination", length, operation, views),
+        )
+
+    @staticmethod
+    def _check_side(
+        i: int, side: CopyLocal | CopyForeign, name: str, length: int, operation: str, views: dict[int, memoryview]
+    ) -> memoryview | None:
+        if isinstance(side, CopyForeign):
+            if side.offset < 0 or side.offset + length > PAGE_SIZE:
                 raise BrokerError(
                     errno.EINVAL,
                     operation,
-                    f"segment {i}: {name} range {side.offset}..{side.offset + length} is outside its {view.nbytes}-byte buffer",
+                    f"segment {i}: {name} ref {side.ref} of domain {side.domid}: "
+                    f"{length} bytes at offset {side.offset} cross the page boundary",
                 )
-            if name == "destination" and view.readonly:
-                # get_user_pages(FOLL_WRITE) fails on it: the header's EFAULT.
-                raise BrokerError(errno.EFAULT, operation, f"segment {i}: destination buffer is read-only")
-            views.append(view)
-        return views[0], views[1]
+            return None
+        buffer = side.buffer
+        view = views.get(id(buffer))
+        if view is None:
+            try:
+                view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+            except TypeError:
+                raise BrokerError(errno.EINVAL, operation, f"segment {i}: {name} buffer is not contiguous") from None
+            views[id(buffer)] = view
+        if side.offset < 0 or side.offset + length > view.nbytes:
+            raise BrokerError(
+                errno.EINVAL,
+                operation,
+                f"segment {i}: {name} range {side.offset}..{side.offset + length} is outside its {view.nbytes}-byte buffer",
+            )
+        if name == "destination" and view.readonly:
+            # get_user_pages(FOLL_WRITE) fails on it: the header's EFAULT.
+            raise BrokerError(errno.EFAULT, operation, f"segment {i}: destination buffer is read-only")
+        return view
 
     def _copy_domid(self, side: CopyForeign) -> int:
         """``gnttab_copy_lock_domain`` looks the domain up with
@@ -368,45 +423,25 @@ class EmulatedGntdev(LinkedInstance, GntdevInstance):
         ``rcu_lock_domain_by_id`` answers GNTST_bad_domain to it instead)."""
         return self.domid if side.domid == DOMID_SELF else side.domid
 
-    def _copy_one(self, seg: GrantCopySegment, src_view: memoryview | None, dst_view: memoryview | None) -> int:
-        """One ``gnttab_copy`` op; returns its GNTST status."""
-        source, dest, length = seg.source, seg.dest, seg.length
+    def _claim(
+        self, source: CopyLocal | CopyForeign, dest: CopyLocal | CopyForeign
+    ) -> tuple[GrantEntry | None, GrantEntry | None]:
+        """One ``gnttab_copy`` op's checks: the grant entries of its foreign
+        sides (source, dest), or GrantStatusError with its GNTST status."""
         grants = self._hv.grants
-        try:
-            # gnttab_copy_lock_domains: source then destination domain, then
-            # gnttab_copy_claim_buf: source (read) then destination (write).
-            if isinstance(source, CopyForeign):
+        if isinstance(source, CopyForeign):
+            if isinstance(dest, CopyForeign):
+                # gnttab_copy_lock_domains: source then destination domain,
+                # before gnttab_copy_claim_buf claims either.
                 grants.table_of(self._copy_domid(source))
-            if isinstance(dest, CopyForeign):
                 grants.table_of(self._copy_domid(dest))
-            src_entry = dst_entry = None
-            if isinstance(source, CopyForeign):
-                src_entry = grants.access(self._copy_domid(source), source.ref, self.domid, write=False)
-            if isinstance(dest, CopyForeign):
-                dst_entry = grants.access(self._copy_domid(dest), dest.ref, self.domid, write=True)
-        except GrantStatusError as refusal:
-            return refusal.status
-        # One copy of the bytes where one side is local: the kernel reads the
-        # granted page straight into the local buffer, or writes the local
-        # buffer's bytes straight into the page (memcpy semantics, as
-        # __gnttab_copy's; only foreign-to-foreign goes through a bounce buffer).
-        if src_entry is not None:
-            if dst_entry is None:
-                assert dst_view is not None and isinstance(dest, CopyLocal)
-                src_entry.backing.read_into(
-                    src_entry.offset + source.offset, dst_view[dest.offset : dest.offset + length]
+                return (
+                    grants.access(self._copy_domid(source), source.ref, self.domid, write=False),
+                    grants.access(self._copy_domid(dest), dest.ref, self.domid, write=True),
                 )
-                return GNTST_okay
-            data: bytes | memoryview = src_entry.backing.read(src_entry.offset + source.offset, length)
-        else:
-            assert src_view is not None and isinstance(source, CopyLocal)
-            data = src_view[source.offset : source.offset + length]
-        if dst_entry is not None:
-            dst_entry.backing.write(dst_entry.offset + dest.offset, data)
-        else:
-            assert dst_view is not None and isinstance(dest, CopyLocal)
-            dst_view[dest.offset : dest.offset + length] = data
-        return GNTST_okay
+            return grants.access(self._copy_domid(source), source.ref, self.domid, write=False), None
+        assert isinstance(dest, CopyForeign)  # (one side is foreign: _check_segment)
+        return None, grants.access(self._copy_domid(dest), dest.ref, self.domid, write=True)
 
     # ------------------------------------------------------------------ dma-buf
 
@@ -433,7 +468,10 @@ class EmulatedGntdev(LinkedInstance, GntdevInstance):
                     "granted buffer in order from its first page",
                 )
             try:
-                fd = os.open(f"/proc/self/fd/{backing.fd}", os.O_RDWR | os.O_CLOEXEC)
+                # A dma-buf is a file of its own (its release is tracked by the
+                # lock on this description), so a new description is opened —
+                # of the hypervisor's own memfd: backings are never a client's file.
+                fd = reopen_own_memfd(backing.fd, os.O_RDWR)
             except OSError as exc:
                 for entry in entries:
                     self._hv.grants.unpin(entry)
@@ -452,7 +490,7 @@ class EmulatedGntdev(LinkedInstance, GntdevInstance):
             return owned
 
     def _export_released(self, export: _Export) -> bool:
-        return export.backing.closed or not export_byte_locked(export.backing.fd, export.lock_byte)
+        return export.backing.closed or not export_byte_locked(export.backing.export_probe_fd, export.lock_byte)
 
     def _forget_export(self, export: _Export) -> None:
         entries, export.entries = export.entries, []
@@ -503,19 +541,10 @@ class EmulatedGntdev(LinkedInstance, GntdevInstance):
             self._enter(operation)
             if not 0 < count <= self._max_grants:
                 raise BrokerError(errno.EINVAL, operation, f"count {count}: expected 1..{self._max_grants}")
-            try:
-                st = os.fstat(fd)
-            except OSError as exc:
-                raise BrokerError.from_oserror(exc, operation, f"fd {fd}") from exc
-            kind = stat.S_IFMT(st.st_mode)
-            if kind in (stat.S_IFSOCK, stat.S_IFIFO, stat.S_IFDIR, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFLNK):
-                raise BrokerError(errno.EINVAL, operation, f"fd {fd} is not a dma-buf (not a mappable buffer)")
-            if st.st_size != count * PAGE_SIZE:
-                raise BrokerError(
-                    errno.EINVAL, operation, f"fd {fd} holds {st.st_size} bytes, not {count} pages of {PAGE_SIZE}"
-                )
+            backing = self._dma_buf_backing(fd, operation)
+            if backing.pages != count:
+                raise BrokerError(errno.EINVAL, operation, f"fd {fd} holds {backing.pages} pages, not {count}")
             table = self._hv.grants.create(self.domid)
-            backing = Backing(os.dup(fd), count, f"dma-buf import by domain {self.domid}")
             backing.hold()  # the import's own reference, dropped at release
             try:
                 refs = table.grant_pages(backing, range(count), domid, readonly=False, operation=operation)
@@ -526,12 +555,47 @@ class EmulatedGntdev(LinkedInstance, GntdevInstance):
             self._imports.append(imported)
             return imported.refs
 
+    def _dma_buf_backing(self, fd: int, operation: str) -> Backing:
+        """The hypervisor's own memory that *fd* is a writable descriptor of.
+
+        ``dma_buf_get`` answers EBADF for a closed fd and EINVAL for a file that
+        is no dma-buf.  What a real importer accepts, a dma-buf, is here what
+        the hypervisor made: a dma-buf it exported, or the pages of one of its
+        gntalloc allocations (the same memfd), recognised by identity.  *fd* is
+        only looked at (fstat, F_GETFL): never reopened, read, mapped or kept —
+        the pages granted are the hypervisor's backing — so a client's O_PATH or
+        O_RDONLY descriptor of some file cannot lend it the broker's access.
+        It must be writable: the refs are writable grants, and a read-only
+        view (a read-only span) must not turn into writable refs.
+        """
+        try:
+            st = os.fstat(fd)
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        except (OSError, OverflowError) as exc:
+            raise BrokerError(errno.EBADF, operation, f"fd {fd} is not open") from exc
+        backing = self._hv.memory.backing_of(st)
+        if backing is None:
+            raise BrokerError(
+                errno.EINVAL,
+                operation,
+                f"fd {fd} is not a dma-buf (the emulated hypervisor imports only memory it made: "
+                "a dma-buf it exported or its gntalloc pages)",
+            )
+        if access_mode(flags) != os.O_RDWR:
+            raise BrokerError(
+                errno.EINVAL,
+                operation,
+                f"fd {fd} is not open read-write (a read-only view of granted memory is no dma-buf): "
+                "its pages cannot be granted writable",
+            )
+        return backing
+
     def dmabuf_import_release(self, fd: int) -> None:
         operation = "gntdev dma-buf import release"
         with self._hv.lock:
             self._enter(operation)
             try:
-                st = os.fstat(fd)
+                st = os.fstat(fd)  # identity only: the import is named by its file
             except OSError as exc:
                 raise BrokerError.from_oserror(exc, operation, f"fd {fd}") from exc
             for imported in self._imports:
@@ -574,3 +638,45 @@ def _file_at(vaddr: int) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return None
+
+
+@dataclass(slots=True)
+class _CopyRun:
+    """Consecutive copy segments between one backing's file and one local
+    buffer, contiguous on both sides: one ``preadv`` (*reading*: from the
+    granted pages into the buffer) or one ``pwrite`` (into the pages) for all
+    of them.  One copy of the bytes, as ``__gnttab_copy``'s memcpy between a
+    local buffer and a granted page; results as if copied one by one (copies
+    whose source and dest overlap are as undefined as memcpy's)."""
+
+    reading: bool
+    backing: Backing
+    file_offset: int
+    view: memoryview
+    local_offset: int
+    length: int
+
+    def continued_by(self, reading: bool, backing: Backing, file_offset: int, view: memoryview, local_offset: int) -> bool:
+        """Whether a segment with these sides continues this run on both sides."""
+        length = self.length
+        return (
+            file_offset == self.file_offset + length
+            and local_offset == self.local_offset + length
+            and backing is self.backing
+            and view is self.view
+            and reading == self.reading
+        )
+
+    def copy(self) -> None:
+        local = self.view[self.local_offset : self.local_offset + self.length]
+        if self.reading:
+            self.backing.read_into(self.file_offset, local)
+        else:
+            self.backing.write(self.file_offset, local)
+
+
+def _copy_between(seg: GrantCopySegment, src_entry: GrantEntry, dst_entry: GrantEntry) -> None:
+    """A copy between two granted pages (through a bounce buffer, as Xen's)."""
+    assert isinstance(seg.source, CopyForeign) and isinstance(seg.dest, CopyForeign)
+    data = src_entry.backing.read(src_entry.offset + seg.source.offset, seg.length)
+    dst_entry.backing.write(dst_entry.offset + seg.dest.offset, data)

@@ -2,12 +2,17 @@
 
 Model
 -----
-* A :class:`Backing` is one memfd of whole pages: one per gntalloc allocation
-  and one per imported dma-buf.  It stays open while anything uses it (a page
-  of a gntalloc instance, an import, a dma-buf export, a grant entry) and is
+* A :class:`Backing` is one memfd of whole pages, made by the hypervisor for
+  a gntalloc allocation.  It stays open while anything uses it (a page of a
+  gntalloc instance, an import, a dma-buf export, a grant entry) and is
   closed by the last user, so the fd-leak checks of the tests see every
   descriptor come back.  Spans handed out are other descriptors of the same
   memfd: the memory outlives the backing as long as they, or mmaps, do.
+* :class:`HypervisorMemory` lists the backings by inode.  It is how a
+  descriptor a client hands in (a dma-buf to import) is recognised as memory
+  the hypervisor made — by the identity of the file behind it, never by what
+  kind of file it is.  The emulation never holds, reopens or maps a file a
+  client made; what it grants is always its own backing.
 * Each domain has one :class:`GrantTable` (version 1, the Linux default):
   ``NR_GRANT_ENTRIES`` slots, of which the first ``GNTTAB_NR_RESERVED_ENTRIES``
   are the toolstack's, so Linux hands out refs from 8 up.  An entry grants one
@@ -17,6 +22,12 @@ Model
   ``gnttab_end_foreign_access`` does after XSA-396: meanwhile the entry stays
   valid, exactly as on real Xen, where the entry keeps GTF_permit_access until
   the deferred end succeeds.
+
+Every memfd the hypervisor makes (:func:`new_memfd`) is sealed against
+shrinking and growing — a holder that truncated it would SIGBUS everyone who
+maps it, which no granter can do on Xen — and has mode 0600: a read-only
+descriptor of it handed to a client cannot be reopened writable through
+``/proc/<pid>/fd`` by any user but the broker's own (and root).
 
 Statuses follow xen-project/xen ``xen/common/grant_table.c``:
 
@@ -37,7 +48,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from grant_broker.backend.contract import PAGE_SIZE, MemorySpan
@@ -72,38 +85,70 @@ class GrantStatusError(Exception):
 
 # --------------------------------------------------------------------------- backing
 
+# Seals of every memfd the hypervisor makes: its size is fixed for its life.
+SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+# Only the broker's user may reopen it (a reopen through /proc/<pid>/fd checks
+# the inode's permissions against the opener): a client given an O_RDONLY
+# descriptor cannot turn it into an O_RDWR one.  Checked on Linux 6.x: an
+# unprivileged user gets EACCES, and cannot fchmod an inode it does not own.
+# A client running as the broker's user, or as root, can reopen it — such a
+# client could as well ptrace the broker.
+MEMFD_MODE = 0o600
+
+
+def new_memfd(label: str, size: int) -> int:
+    """A fresh zeroed memfd of *size* bytes, sealed against resizing, mode :data:`MEMFD_MODE`."""
+    fd = os.memfd_create(label, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SIZE_SEALS | fcntl.F_SEAL_SEAL)
+        os.fchmod(fd, MEMFD_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def reopen_own_memfd(fd: int, flags: int) -> int:
+    """Another open file description of a memfd the hypervisor made itself.
+
+    The only reopen in the emulation, and never of a descriptor a client
+    supplied: a path through ``/proc`` would be opened with the broker's
+    credentials, and a client's O_PATH or O_RDONLY descriptor would become
+    the broker's read or write access to whatever file it names.
+    """
+    return os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
+
 
 class Backing:
-    """Pages held in one memfd, shared by whoever uses them.
+    """Pages held in one memfd the hypervisor made, shared by whoever uses them.
 
     ``hold()``/``drop()`` count the users; the last ``drop()`` closes the fd.
     """
 
-    __slots__ = ("fd", "pages", "dev", "ino", "label", "_users", "_readonly_fd")
+    __slots__ = ("fd", "pages", "dev", "ino", "uid", "label", "_users", "_handout_fds", "_on_close")
 
-    def __init__(self, fd: int, pages: int, label: str) -> None:
+    def __init__(self, fd: int, pages: int, label: str, *, on_close: Callable[["Backing"], None] | None = None) -> None:
         self.fd = fd
         self.pages = pages
         self.label = label
         st = os.fstat(fd)
         self.dev = st.st_dev
         self.ino = st.st_ino
+        self.uid = st.st_uid
         self._users = 0
-        self._readonly_fd = -1  # an O_RDONLY open of the memfd, made for the first read-only span
+        # The descriptions handed out, by writability: opened on first use.
+        # Never ``fd`` itself: a holder could change the flags of a shared
+        # description (F_SETFL O_APPEND makes every pwrite an append, which the
+        # size seals then refuse), and ``fd`` is what the hypervisor writes
+        # through (grant copy, CLEAR_BYTE).
+        self._handout_fds: dict[bool, int] = {}
+        self._on_close = on_close
 
     @classmethod
-    def allocate(cls, pages: int, label: str) -> "Backing":
+    def allocate(cls, pages: int, label: str, *, on_close: Callable[["Backing"], None] | None = None) -> "Backing":
         """Fresh zeroed pages (a memfd, as kernel pages are zeroed by gntalloc)."""
-        fd = os.memfd_create(label, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        try:
-            os.ftruncate(fd, pages * PAGE_SIZE)
-            # Spans of these pages go to other processes; nobody may resize
-            # them (a shrink would SIGBUS every mapping, the granter's too).
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(fd, pages, label)
+        return cls(new_memfd(label, pages * PAGE_SIZE), pages, label, on_close=on_close)
 
     @property
     def closed(self) -> bool:
@@ -126,11 +171,14 @@ class Backing:
             self._close()
 
     def _close(self) -> None:
-        readonly, self._readonly_fd = self._readonly_fd, -1
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close(self)  # unlisted before its inode can go (and its number be reused)
+        handouts, self._handout_fds = self._handout_fds, {}
         fd, self.fd = self.fd, -1
         os.close(fd)
-        if readonly >= 0:
-            os.close(readonly)
+        for handout in handouts.values():
+            os.close(handout)
 
     def clear_byte(self, offset: int) -> None:
         """Zero one byte (UNMAP_NOTIFY_CLEAR_BYTE); writes reach every mapping
@@ -148,22 +196,75 @@ class Backing:
     def write(self, offset: int, data: bytes | memoryview) -> None:
         os.pwrite(self.fd, data, offset)
 
-    def span(self, first_page: int, pages: int, *, writable: bool) -> MemorySpan:
-        """A descriptor for *pages* pages from *first_page*.
+    def descriptor(self, *, writable: bool) -> OwnedFd:
+        """A descriptor of the memory to hand out.
 
-        Writable spans are dups of the memfd.  Read-only spans are dups of a
-        re-open of it with O_RDONLY, so that a ``PROT_WRITE`` + ``MAP_SHARED``
-        mmap of the span is refused by the kernel (EACCES), wherever the span
-        goes.  The re-open (a path look-up through /proc, some 20 µs) is made
-        once per backing; a dup costs about a microsecond.
+        A read-only one is O_RDONLY: a ``PROT_WRITE`` + ``MAP_SHARED`` mmap of
+        it is refused by the kernel (EACCES), and so is a reopen for writing by
+        any other unprivileged user (see :data:`MEMFD_MODE`).  Hand-outs of one
+        kind share one open file description, made by a reopen of the memfd
+        on first use (some 20 µs); each is a dup of it (about a microsecond).
         """
-        if writable:
-            fd = os.dup(self.fd)
-        else:
-            if self._readonly_fd < 0:
-                self._readonly_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
-            fd = os.dup(self._readonly_fd)
-        return MemorySpan(OwnedFd(fd), first_page * PAGE_SIZE, pages * PAGE_SIZE, writable)
+        return OwnedFd(os.dup(self._handout(writable)))
+
+    def _handout(self, writable: bool) -> int:
+        handout = self._handout_fds.get(writable)
+        if handout is None:
+            handout = self._handout_fds[writable] = reopen_own_memfd(self.fd, os.O_RDWR if writable else os.O_RDONLY)
+        return handout
+
+    @property
+    def export_probe_fd(self) -> int:
+        """The description to look for dma-buf exports' locks through (see
+        :func:`export_byte_locked`): the one writable hand-outs share, so that
+        locks their holders set through it are not taken for an export's (a
+        description never sees its own locks)."""
+        return self._handout(True)
+
+    def span(self, first_page: int, pages: int, *, writable: bool) -> MemorySpan:
+        """A :meth:`descriptor` for *pages* pages from *first_page*."""
+        return MemorySpan(self.descriptor(writable=writable), first_page * PAGE_SIZE, pages * PAGE_SIZE, writable)
+
+
+class HypervisorMemory:
+    """Every backing the hypervisor holds, by the inode of its memfd.
+
+    A backing is listed from its allocation until its own descriptor closes,
+    so a listed inode cannot be freed and its number given to another file
+    meanwhile.  Shmem inode numbers are 32-bit and do wrap, so a client could
+    in principle make a memfd whose (st_dev, st_ino) equals a listed one; its
+    owner then differs from the broker's user (only root can make a file
+    owned by another user), which :meth:`backing_of` checks.
+    """
+
+    def __init__(self) -> None:
+        self._backings: dict[tuple[int, int], Backing] = {}
+
+    def allocate(self, pages: int, label: str) -> Backing:
+        """New zeroed pages, listed until their backing closes."""
+        backing = Backing.allocate(pages, label, on_close=self._unlist)
+        self._backings[(backing.dev, backing.ino)] = backing
+        return backing
+
+    def _unlist(self, backing: Backing) -> None:
+        if self._backings.get((backing.dev, backing.ino)) is backing:
+            del self._backings[(backing.dev, backing.ino)]
+
+    def backing_of(self, st: os.stat_result) -> Backing | None:
+        """The live backing whose memfd is the file *st* describes (an ``fstat``
+        of a client's descriptor), or None: the file is not the hypervisor's."""
+        backing = self._backings.get((st.st_dev, st.st_ino))
+        if backing is None or backing.closed or st.st_uid != backing.uid or not stat.S_ISREG(st.st_mode):
+            return None
+        return backing
+
+
+def access_mode(flags: int) -> int | None:
+    """``O_RDONLY``, ``O_WRONLY`` or ``O_RDWR`` from ``F_GETFL`` *flags*; None for
+    an O_PATH descriptor, which gives no access to the file at all."""
+    if flags & os.O_PATH:
+        return None
+    return flags & os.O_ACCMODE
 
 
 def spans_of(pages: list[tuple[Backing, int]], *, writable: bool) -> list[MemorySpan]:
@@ -209,7 +310,10 @@ def export_byte_locked(probe_fd: int, byte: int) -> bool:
     """Whether some other open file description still holds *byte*'s lock.
 
     *probe_fd* must be another description of the same file: a description
-    never conflicts with its own locks.
+    never conflicts with its own locks.  Any other description's lock counts,
+    so a holder of a read-only span or of another dma-buf export of the same
+    pages can keep an export looking in use (an emulation limit: its wait
+    times out, and its grants stay mapped until the instance is closed).
     """
     answer = fcntl.fcntl(
         probe_fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _EXPORT_LOCK_BASE + byte, 1, 0)
@@ -385,13 +489,19 @@ class GrantSystem:
 
 
 __all__ = [
+    "MEMFD_MODE",
     "NR_GRANT_ENTRIES",
+    "SIZE_SEALS",
     "Backing",
     "GrantEntry",
     "GrantStatusError",
     "GrantSystem",
     "GrantTable",
+    "HypervisorMemory",
+    "access_mode",
     "export_byte_locked",
     "lock_export_byte",
+    "new_memfd",
+    "reopen_own_memfd",
     "spans_of",
 ]

@@ -11,6 +11,8 @@ Services for the device emulations (this package only):
 
 * ``lock`` — one re-entrant lock for all emulated state;
 * ``grants`` — the :class:`~.grants.GrantSystem`;
+* ``memory`` — the :class:`~.grants.HypervisorMemory`: every memfd the
+  hypervisor made, which is all a dma-buf import or a read-only view may use;
 * :meth:`open_link` — an :class:`~.instance.InstanceLink` registered with its
   domain, released when the domain is destroyed or the hypervisor closes;
 * :meth:`reap` — release instances whose descriptors are gone everywhere
@@ -45,7 +47,7 @@ from grant_broker.uapi.mem_buf import MEM_BUF_VMID_PRIMARY_VM
 from .evtchn import EmulatedEvtchnHandle, EventChannelHub
 from .gntalloc import EmulatedGntalloc
 from .gntdev import EmulatedGntdev
-from .grants import GrantSystem
+from .grants import GrantSystem, HypervisorMemory
 from .instance import InstanceLink, check_all
 from .membuf import EmulatedMemBufDevice, MemparcelRegistry
 
@@ -58,8 +60,18 @@ EMULATION_NOTES: tuple[str, ...] = (
     "one process emulates every domain; any domid can be acted as",
     "memory already mmapped from a span stays accessible after unmap or close "
     "(on Linux until munmap); unmap notifications fire at unmap / close, not at the last munmap",
-    "read-only spans are O_RDONLY descriptors: a writable mmap of them is refused, but a process "
-    "allowed to reopen /proc/<pid>/fd/<n> could reopen the memfd writable",
+    "read-only spans are O_RDONLY descriptors of memfds of mode 0600: a writable mmap of them is refused, "
+    "and so is a writable reopen through /proc/<pid>/fd/<n> — except to a client running as the broker's "
+    "user or as root",
+    "a dma-buf import takes only memory the emulated hypervisor made, through a writable descriptor: a "
+    "dma-buf it exported or its gntalloc pages; any other file, a client's own memfd included, is EINVAL "
+    "(on Linux a memfd becomes a dma-buf through /dev/udmabuf)",
+    "a mem-buf import gets the access of the descriptor that was exported: WRITE perms on a read-only "
+    "export are EACCES; read-only perms on a client's writable memfd are EINVAL (the emulation cannot "
+    "make a read-only descriptor of a client's file; export an O_RDONLY descriptor instead); memory "
+    "the hypervisor made can be imported read-only",
+    "memory the hypervisor makes (gntalloc pages, mem-buf allocations) cannot be resized; a client's "
+    "memfd exported through mem-buf can still be shrunk by its owner under the importers",
     "a dma-buf export must be all the pages of one granted buffer (one gntalloc allocation or one "
     "imported dma-buf), in order from its first page",
     "get_offset_for_vaddr recognises a mapping by the file and offset mapped at the address",
@@ -99,6 +111,7 @@ class EmulatedHypervisor:
         self.lock = threading.RLock()
         self.gntalloc_limit = gntalloc_limit
         self.grants = GrantSystem()
+        self.memory = HypervisorMemory()
         self._domains: dict[int, _Domain] = {}
         self._backends: list[EmulatedBackend] = []
         self._closed_links: set[InstanceLink] = set()  # closed here, a copy still open: see reap()

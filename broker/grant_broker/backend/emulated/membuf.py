@@ -23,12 +23,31 @@ the contract: sizes must be page multiples (the driver silently rounds up to
 its hotplug alignment), and perms must not be zero (the driver passes an
 empty grant on to the resource manager).
 
-Emulated memory is a memfd.  A "dma-buf" is any shmem-backed descriptor (one
-that answers ``F_GET_SEALS``: a memfd, or what the emulated gntdev/gntalloc
-hand out); an import reopens the exported memfd through ``/proc/self/fd`` so
-both sides share pages but not file offsets, read-only when the importing VM
-has no write permission.  An export fd is the read end of a pipe whose write
-end the registry keeps and watches (see :class:`.evtchn.PipeWatch`).
+Emulated memory is a memfd.  A "dma-buf" is an anonymous shmem file opened
+for reading: a memfd (one that answers ``F_GET_SEALS`` and has no name — a
+file on tmpfs answers ``F_GET_SEALS`` too), the client's own or what the
+emulated hypervisor handed out.  An export fd is the read end of a pipe whose
+write end the registry keeps and watches (see :class:`.evtchn.PipeWatch`).
+
+The registry never reopens the exported descriptor: it keeps a duplicate
+(``dma_buf_get``) and an import is another duplicate of it, so an importer
+gets exactly the access the exporter had — an open file description cannot
+gain access, while a reopen through ``/proc`` is made with the broker's
+credentials.  The import's access must also match the importing VM's perms:
+
+* WRITE on a memparcel exported through a read-only descriptor: EACCES;
+* no WRITE on one exported read-write: a read-only descriptor is needed.
+  For memory the hypervisor made it is one of its own
+  (:meth:`.grants.Backing.descriptor`); for a client's memfd there
+  is none to be had without reopening the client's file, so the import is
+  refused (EINVAL, an emulation limit — export an O_RDONLY descriptor to share
+  read-only).
+
+Importers share the exported file description, and so its file offset:
+``mmap``, ``pread`` and ``pwrite`` do not use it.  Memory ``alloc`` makes is
+a memfd sealed against resizing, as all memory the hypervisor makes; a
+client's memfd exported here can still be shrunk by its owner (its importers,
+never the broker, would then fault: the broker maps no mem-buf memory).
 """
 
 from __future__ import annotations
@@ -57,6 +76,7 @@ from grant_broker.uapi.mem_buf import (
 )
 
 from .evtchn import PipeWatch
+from .grants import Backing, HypervisorMemory, access_mode, new_memfd
 
 __all__ = ["EmulatedMemBufDevice", "MemparcelRegistry"]
 
@@ -64,20 +84,19 @@ __all__ = ["EmulatedMemBufDevice", "MemparcelRegistry"]
 
 class _Hypervisor(Protocol):
     memparcels: MemparcelRegistry
-
-
-
-
-
-
+    memory: HypervisorMemory
 
 
 def _describe(acl: frozenset[tuple[int, int]]) -> str:
     return "[" + ", ".join(f"vmid {vmid}: perms {perms:#x}" for vmid, perms in sorted(acl)) + "]"
 
 
-def _is_shmem(fd: int) -> bool:
-    # memfd_fcntl answers F_GET_SEALS only for shmem/hugetlbfs files.
+def _is_memfd(fd: int, st: os.stat_result) -> bool:
+    """An anonymous shmem file: what the emulation takes for a dma-buf."""
+    # memfd_fcntl answers F_GET_SEALS only for shmem/hugetlbfs files, and a
+    # memfd has no name (no link): a file on tmpfs, named, is no dma-buf.
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 0:
+        return False
     try:
         fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
@@ -90,7 +109,9 @@ class _Memparcel:
     hdl: int
     exporter_vmid: int
     acl: frozenset[tuple[int, int]]
-    memory: OwnedFd  # the registry's reference to the dma-buf (dma_buf_get)
+    memory: OwnedFd  # the registry's reference to the dma-buf (dma_buf_get): a dup, never a reopen
+    writable: bool  # whether *memory* was opened read-write
+    backing: Backing | None  # the hypervisor's own memory behind it, held; None for a client's memfd
     inode: tuple[int, int]
     size: int
     export_pipe: PipeWatch  # closed by every holder -> revoked
@@ -102,8 +123,8 @@ class MemparcelRegistry:
     Thread-safe.  The hypervisor only calls :meth:`close`.
     """
 
-    def __init__(self, hypervisor: object) -> None:
-        self._hypervisor = hypervisor
+    def __init__(self, hypervisor: _Hypervisor) -> None:
+        self._memory = hypervisor.memory
         self._lock: threading.RLock = getattr(hypervisor, "lock", None) or threading.RLock()  # one lock order
         self._parcels: dict[int, _Memparcel] = {}
         self._last_hdl = 0
@@ -126,12 +147,13 @@ class MemparcelRegistry:
         check_acl_count(acl, op)
         try:
             st = os.fstat(dma_buf_fd)
+            mode = access_mode(fcntl.fcntl(dma_buf_fd, fcntl.F_GETFL))
         except (OSError, OverflowError) as exc:
             raise membuf_error(errno.EBADF, op, f"fd {dma_buf_fd} is not open") from exc
-        if not stat.S_ISREG(st.st_mode) or not _is_shmem(dma_buf_fd):
+        if mode not in (os.O_RDONLY, os.O_RDWR) or not _is_memfd(dma_buf_fd, st):
             raise membuf_error(
                 errno.EINVAL, op,
-                f"fd {dma_buf_fd} is not a dma-buf (the emulation takes shmem descriptors such as memfds)",
+                f"fd {dma_buf_fd} is not a dma-buf (the emulation takes memfds opened for reading)",
             )
         if st.st_size == 0:
             raise membuf_error(errno.EINVAL, op, f"dma-buf fd {dma_buf_fd} is empty")
@@ -148,6 +170,8 @@ class MemparcelRegistry:
                     raise membuf_error(
                         errno.EINVAL, op, f"fd {dma_buf_fd} is already exported as memparcel {parcel.hdl:#x}"
                     )
+            # A duplicate keeps the exporter's open file description and so
+            # its access mode: the registry holds no more than the client had.
             memory = OwnedFd(os.dup(dma_buf_fd))
             try:
                 read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -157,7 +181,12 @@ class MemparcelRegistry:
             export_fd = OwnedFd(read_fd)
             pipe = PipeWatch(OwnedFd(write_fd))
             hdl = self._new_hdl()
-            parcel = _Memparcel(hdl, exporter_vmid, acl_set, memory, inode, st.st_size, pipe)
+            backing = self._memory.backing_of(st)
+            if backing is not None:
+                backing.hold()  # its read-only descriptor may be needed by an import
+            parcel = _Memparcel(
+                hdl, exporter_vmid, acl_set, memory, mode == os.O_RDWR, backing, inode, st.st_size, pipe
+            )
             self._parcels[hdl] = parcel
             pipe.watch(lambda: self._on_export_closed(parcel))
             return MemparcelExport(export_fd=export_fd, memparcel_hdl=hdl)
@@ -190,17 +219,27 @@ class MemparcelRegistry:
                     errno.EINVAL, op,
                     f"ACL {_describe(acl_set)} does not match memparcel {memparcel_hdl:#x}'s {_describe(parcel.acl)}",
                 )
-            return self._reopen(parcel, writable=bool(perms & MEM_BUF_PERM_FLAG_WRITE))
+            return self._hand_out(op, parcel, importer_vmid, writable=bool(perms & MEM_BUF_PERM_FLAG_WRITE))
 
     @staticmethod
-    def _reopen(parcel: _Memparcel, *, writable: bool) -> OwnedFd:
-        """A new open file of the same memory, as an imported dma-buf is a new file."""
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-        try:
-            return OwnedFd(os.open(f"/proc/self/fd/{parcel.memory.fileno()}", flags))
-        except OSError:
-            # No /proc: share the open file itself (offsets shared, perms not enforced).
+    def _hand_out(op: str, parcel: _Memparcel, importer_vmid: int, *, writable: bool) -> OwnedFd:
+        """The importer's descriptor: exactly as writable as its perms, never
+        more than the exported descriptor (see the module's docstring)."""
+        if writable and not parcel.writable:
+            raise membuf_error(
+                errno.EACCES, op,
+                f"memparcel {parcel.hdl:#x} was exported through a read-only descriptor: no VM can import it writable",
+            )
+        if writable or not parcel.writable:
             return parcel.memory.dup()
+        if parcel.backing is not None and not parcel.backing.closed:
+            return parcel.backing.descriptor(writable=False)
+        raise membuf_error(
+            errno.EINVAL, op,
+            f"emulation limit: memparcel {parcel.hdl:#x} is a client's memfd exported read-write, and the emulation "
+            f"cannot give VM {importer_vmid} (read-only perms) a read-only descriptor of a client's file; "
+            "export an O_RDONLY descriptor to share it read-only",
+        )
 
     def _new_hdl(self) -> int:
         # Handles are nonzero u32s; never reuse one while it is live.
@@ -232,6 +271,9 @@ class MemparcelRegistry:
             del self._parcels[parcel.hdl]
         parcel.export_pipe.close()
         parcel.memory.close()
+        backing, parcel.backing = parcel.backing, None
+        if backing is not None:
+            backing.drop()
 
 
 class EmulatedMemBufDevice(MemBufDevice):
@@ -270,13 +312,11 @@ class EmulatedMemBufDevice(MemBufDevice):
             op, size, acl,
             src_mem_type=src_mem_type, src_heap_id=src_heap_id, dst_mem_type=dst_mem_type, dst_heap_id=dst_heap_id,
         )
-        fd = OwnedFd(os.memfd_create(f"mem-buf alloc vm{self.vmid}", os.MFD_CLOEXEC))
         try:
-            os.ftruncate(fd.fileno(), size)
+            # Lent memory does not change size: sealed, as all the hypervisor makes.
+            return OwnedFd(new_memfd(f"mem-buf alloc vm{self.vmid}", size))
         except OSError as exc:
-            fd.close()
             raise BrokerError.from_oserror(exc, op, f"{size} bytes") from exc
-        return fd
 
     def export(self, dma_buf_fd: int, acl: Sequence[AclEntry]) -> MemparcelExport:
         self._check_open("mem-buf export")

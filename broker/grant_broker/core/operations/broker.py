@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import errno
 import time
+from typing import Literal
 
 from grant_broker import __version__
 from grant_broker.backend.contract import Capabilities
 from grant_broker.core.registry import SessionRegistry
 from grant_broker.core.reply import Reply
 from grant_broker.core.session import Session
-from grant_broker_protocol.errors import BrokerError
 from grant_broker_protocol.fds import open_fd_count
 from grant_broker_protocol.v1 import broker_pb2
 
@@ -58,30 +57,50 @@ async def describe_session(session: Session, request: broker_pb2.DescribeSession
     return Reply(session_message(session))
 
 
+StatusView = Literal["own", "all"]
+"""Who sees what in Status (``ServerConfig.status_view``, ``serve --status-view``):
+
+* ``"own"`` (the default): an administrator's session (``Policy.admin_uids``,
+  root by default) sees every session and the broker's descriptor count; any
+  other session sees only the sessions of its own uid; a call without a
+  session sees no session at all (gRPC over a Unix socket carries no peer
+  credentials, so such a caller is nobody in particular — possibly a uid the
+  policy refuses).  Everyone sees the version, capabilities and uptime.
+* ``"all"``: everyone who can open the socket sees everything.
+"""
+
+STATUS_VIEWS: tuple[StatusView, ...] = ("own", "all")
+
+
 class BrokerStatus:
-    """The operator's view of the whole broker.
+    """The operator's view of the whole broker, narrowed to the caller's own
+    sessions unless the caller is an administrator (see :data:`StatusView`)."""
 
-    Status lists every session.  With *requires_admin* only a call made within
-    a session whose peer uid the policy names as admin may see it; otherwise
-    any local caller may — the socket itself is the boundary (the default:
-    mode 0660, so only root and the socket's group).
-    """
-
-    def __init__(self, registry: SessionRegistry, capabilities: Capabilities, *, requires_admin: bool) -> None:
+    def __init__(self, registry: SessionRegistry, capabilities: Capabilities, *, view: StatusView = "own") -> None:
+        if view not in STATUS_VIEWS:
+            raise ValueError(f"status view {view!r} is not one of {', '.join(STATUS_VIEWS)}")
         self.registry = registry
         self.capabilities = capabilities
-        self.requires_admin = requires_admin
+        self.view = view
         self.started = time.monotonic()
 
+    def sees_all(self, session: Session | None) -> bool:
+        """Whether a call within *session* (``None``: without one) sees every session."""
+        return self.view == "all" or (session is not None and self.registry.policy.is_admin(session.creds))
+
     async def status(self, session: Session | None, request: broker_pb2.StatusRequest) -> Reply[broker_pb2.StatusResponse]:
-        if self.requires_admin and (session is None or not self.registry.policy.is_admin(session.creds)):
-            raise BrokerError(errno.EPERM, "status", "only an administrator's session may see every session")
+        sessions = sorted(self.registry.sessions, key=lambda s: s.id)
+        full = self.sees_all(session)
+        if not full:
+            uid = None if session is None else session.creds.uid
+            sessions = [s for s in sessions if s.creds.uid == uid]
         return Reply(
             broker_pb2.StatusResponse(
                 version=__version__,
                 capabilities=capabilities_message(self.capabilities),
-                sessions=[session_message(s) for s in sorted(self.registry.sessions, key=lambda s: s.id)],
-                open_fds=open_fd_count(),
+                sessions=[session_message(s) for s in sessions],
+                # The broker's own descriptor count tells how busy everyone is: administrators only.
+                open_fds=open_fd_count() if full else 0,
                 uptime_seconds=time.monotonic() - self.started,
             )
         )

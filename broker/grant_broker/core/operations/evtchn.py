@@ -33,7 +33,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from grant_broker.core.checks import check_domid, invalid
+from grant_broker.core.budgets import PORTS, SUBSCRIPTIONS
+from grant_broker.core.checks import check_domid, check_peers, invalid
 from grant_broker.core.events import MAX_QUEUE_SIZE, EventFanout, Fired, PortUnbound
 from grant_broker.core.registry import SessionRegistry
 from grant_broker.core.reply import Reply
@@ -123,11 +124,15 @@ def _owned_port(operation: str, state: SessionEvtchn, port: int) -> None:
 
 def _bind(session: Session, operation: str, bind: Callable[[], int]) -> Reply[evtchn_pb2.BindResponse]:
     state = session_state(session)
-    session.check_quota(operation, "event channel ports", session.usage.event_channels, 1, session.limits.max_ports_per_session)
-    # The reader exists before the first port does: every event is read by
-    # the broker, so an unbind can forget what its port fired.
-    session_fanout(session, operation)
-    port = bind()
+    session.charge(operation, PORTS)
+    try:
+        # The reader exists before the first port does: every event is read by
+        # the broker, so an unbind can forget what its port fired.
+        session_fanout(session, operation)
+        port = bind()
+    except BaseException:
+        session.credit(PORTS)
+        raise
     state.ports.add(port)
     session.usage.event_channels += 1
     return Reply(evtchn_pb2.BindResponse(port=port))
@@ -140,12 +145,14 @@ async def bind_virq(session: Session, request: evtchn_pb2.BindVirqRequest) -> Re
 async def bind_interdomain(session: Session, request: evtchn_pb2.BindInterdomainRequest) -> Reply[evtchn_pb2.BindResponse]:
     operation = "evtchn bind interdomain"
     check_domid(operation, request.remote_domain, "remote domain")
+    check_peers(session, operation, "bind to", domains=(request.remote_domain,))
     return _bind(session, operation, lambda: session.evtchn.bind_interdomain(request.remote_domain, request.remote_port))
 
 
 async def bind_unbound_port(session: Session, request: evtchn_pb2.BindUnboundPortRequest) -> Reply[evtchn_pb2.BindResponse]:
     operation = "evtchn bind unbound port"
     check_domid(operation, request.remote_domain, "remote domain")
+    check_peers(session, operation, "bind to", domains=(request.remote_domain,))
     return _bind(session, operation, lambda: session.evtchn.bind_unbound_port(request.remote_domain))
 
 
@@ -172,6 +179,7 @@ def _forget(session: Session, state: SessionEvtchn, port: int) -> None:
     # drops the port's events and ends the subscriptions that name it.
     state.ports.discard(port)
     session.usage.event_channels -= 1
+    session.credit(PORTS)
     if state.fanout is not None:
         state.fanout.forget_port(port)
 
@@ -245,12 +253,16 @@ async def subscribe(
     state = session_state(session)
     for port in request.ports:
         _owned_port(operation, state, port)
-    session.check_quota(operation, "subscriptions", session.usage.subscriptions, 1, session.limits.max_subscriptions_per_session)
-    fanout = session_fanout(session)
-    auto_unmask = request.auto_unmask if request.HasField("auto_unmask") else True
-    # Registered before the marker is yielded: whatever fires after the
-    # client sees `subscribed` reaches this stream.
-    subscription = fanout.subscribe(request.ports, auto_unmask=auto_unmask, queue_size=request.queue_size)
+    session.charge(operation, SUBSCRIPTIONS)
+    try:
+        fanout = session_fanout(session)
+        auto_unmask = request.auto_unmask if request.HasField("auto_unmask") else True
+        # Registered before the marker is yielded: whatever fires after the
+        # client sees `subscribed` reaches this stream.
+        subscription = fanout.subscribe(request.ports, auto_unmask=auto_unmask, queue_size=request.queue_size)
+    except BaseException:
+        session.credit(SUBSCRIPTIONS)
+        raise
     session.usage.subscriptions += 1
     try:
         yield evtchn_pb2.Event(subscribed=True)
@@ -270,4 +282,5 @@ async def subscribe(
     finally:
         subscription.close()
         session.usage.subscriptions -= 1
+        session.credit(SUBSCRIPTIONS)
 

@@ -5,11 +5,18 @@ indexes are per session, and when the session ends the instance is closed,
 which ends every grant and fires the unmap notifications, as closing
 ``/dev/xen/gntalloc`` does on Linux.  Pages the other domain still maps stay
 alive until it unmaps them (the backend's business).
+
+The pages come from a pool of the domain (Linux gntalloc's ``limit``, 1024
+pages by default, for every user of the device in that domain — on a real
+host, every session), so a session's pages are also charged to its
+``POOL_PAGES`` budget and its uid's, well below the pool: one client cannot
+leave the others of its domain with ENOSPC.
 """
 
 from __future__ import annotations
 
-from grant_broker.core.checks import check_count, check_domid, check_notify_action, invalid, quota_grants
+from grant_broker.core.budgets import POOL_PAGES
+from grant_broker.core.checks import check_count, check_domid, check_notify_action, check_peers, invalid, quota_grants
 from grant_broker.core.operations.evtchn import check_port_of_session
 from grant_broker.core.reply import Reply, close_spans, span_messages
 from grant_broker.core.session import Session
@@ -39,13 +46,19 @@ async def alloc_gref(session: Session, request: gntalloc_pb2.AllocGrefRequest) -
     if request.flags & ~GNTALLOC_FLAG_WRITABLE:
         raise invalid(op, f"flags {request.flags:#x} has bits other than GNTALLOC_FLAG_WRITABLE (0x1)")
     check_count(op, request.count, "pages")
+    check_peers(session, op, "grant to", domains=(request.domid,))
     quota_grants(session, op, request.count)
-    instance = session.gntalloc
-    allocation = instance.alloc_gref(request.domid, request.count, writable=bool(request.flags & GNTALLOC_FLAG_WRITABLE))
+    session.charge(op, POOL_PAGES, request.count)
     try:
-        spans = instance.memory_spans(allocation.index, allocation.count)
+        instance = session.gntalloc
+        allocation = instance.alloc_gref(request.domid, request.count, writable=bool(request.flags & GNTALLOC_FLAG_WRITABLE))
+        try:
+            spans = instance.memory_spans(allocation.index, allocation.count)
+        except BaseException:
+            instance.dealloc_gref(allocation.index, allocation.count)
+            raise
     except BaseException:
-        instance.dealloc_gref(allocation.index, allocation.count)
+        session.credit(POOL_PAGES, request.count)
         raise
     try:
         gntalloc_state(session).allocations[allocation.index] = allocation.count
@@ -74,6 +87,7 @@ async def dealloc_gref(session: Session, request: gntalloc_pb2.DeallocGrefReques
     del state.allocations[request.index]
     session.usage.allocations -= 1
     session.usage.granted_pages -= count
+    session.credit(POOL_PAGES, count)
     return Reply(gntalloc_pb2.DeallocGrefResponse())
 
 

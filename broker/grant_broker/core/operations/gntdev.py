@@ -25,11 +25,13 @@ What the broker adds to the kernel interface, and why:
   protocol it is either bytes inline in the messages or a client memfd registered once and
   mapped by the broker.  The memfd must be sealed against shrinking: a client
   that truncated a mapped file under the broker would crash it with SIGBUS.
+  What a session maps is bounded by the ``COPY_BUFFER_BYTES`` budget (per
+  session and per uid), and each buffer counts as one of the ``FDS_HELD``.
 * **dma-buf names.**  The C interface names an exported or imported dma-buf
   by an fd number of the process that made the ioctl — the broker.  Clients
   get a ``dmabuf_id`` instead; the broker keeps the numbers (see
   :class:`_Export` for how it keeps an export's number without being a user
-  of the buffer).  WaitReleased polls with timeout 0 and sleeps on the event
+  of the buffer); each one kept counts against the ``FDS_HELD`` budget.  WaitReleased polls with timeout 0 and sleeps on the event
   loop in between, so a long wait blocks nobody.
 """
 from __future__ import annotations
@@ -56,6 +58,7 @@ from grant_broker.backend.contract import (
     GrantRef,
     MemorySpan,
 )
+from grant_broker.core.budgets import COPY_BUFFER_BYTES, FDS_HELD
 from grant_broker.core.checks import (
     DOMID_MAX,
     U16_MAX,
@@ -63,6 +66,7 @@ from grant_broker.core.checks import (
     check_domid,
     check_listed_count,
     check_notify_action,
+    check_peers,
     invalid,
     quota_grants,
 )
@@ -117,6 +121,15 @@ class _Mapping:
 class _CopyBuffer:
     memory: mmap.mmap
     length: int
+    # What ends with the buffer (its copy rings: core/operations/copyring.py),
+    # run before it is unmapped, at unregister or at the session's end.
+    endings: list[Callable[[], object]] = field(default_factory=list)
+
+    def close(self) -> None:
+        endings, self.endings = self.endings, []
+        for ending in endings:
+            ending()
+        self.memory.close()
 
 
 @dataclass(eq=False)
@@ -154,7 +167,11 @@ def reserve_number(fd: OwnedFd) -> None:
 @dataclass(eq=False)
 class _Import:
     # The client's dma-buf, kept open because the contract names the import by
-    # an fd of this process: closing it would let the number be reused.
+    # an fd of this process: closing it would let the number be reused.  It is
+    # kept only as a name (and a reference, as dma_buf_get takes one): never
+    # reopened or mapped; the backend grants the dma-buf's own memory and
+    # refuses anything that is not a dma-buf (the emulated one: anything it
+    # did not make).
     fd: OwnedFd
     instance: GntdevInstance
     count: int
@@ -190,7 +207,7 @@ class GntdevState:
                 mapping.fresh.close()
         self.mappings.clear()
         for buffer in self.copy_buffers.values():
-            buffer.memory.close()
+            buffer.close()
         self.copy_buffers.clear()
         for imported in self.imports.values():
             try:
@@ -234,6 +251,7 @@ def map_grants(
     state = gntdev_state(session)
     _check_max_grants(operation, state, count)
     grants = refs()
+    check_peers(session, operation, "map grants of", domains=(grant.domid for grant in grants))
     index, spans = _map_in(session.gntdev, grants, memory=memory, writable=writable)
     state.mappings[index] = _Mapping(grants, handouts=1 if memory else 0)
     session.usage.mappings += 1
@@ -321,11 +339,17 @@ def _map_fresh(op: str, session: Session, mapping: _Mapping, writable: bool) -> 
 async def unmap_grant_ref(
     session: Session, request: gntdev_pb2.UnmapGrantRefRequest
 ) -> Reply[gntdev_pb2.UnmapGrantRefResponse]:
+    op = "gntdev unmap grant ref"
     state = gntdev_state(session)
-    # The backend answers bad indexes and counts with the kernel's own
-    # errno (ENOENT; a count of 0 matches any size), so ask it first.
+    # The session's ledger first, answering as the kernel does (ENOENT; a
+    # count of 0 matches any size): on Linux a dma-buf export is a map of the
+    # same instance too, at an index the ioctl would find and unmap under
+    # the buffer's users.
+    mapping = state.mappings.get(request.index)
+    if mapping is None or (request.count and request.count != mapping.count):
+        raise BrokerError(errno.ENOENT, op, f"no mapping of {request.count} grants at index {request.index:#x}")
     session.gntdev.unmap_grant_ref(request.index, request.count)
-    mapping = state.mappings.pop(request.index)
+    del state.mappings[request.index]
     if mapping.fresh is not None:
         mapping.fresh.close()
     session.usage.mappings -= 1
@@ -384,7 +408,17 @@ async def register_copy_buffer(
             raise BrokerError(
                 errno.EDQUOT, op, f"this session has registered {len(state.copy_buffers)} copy buffers, the most allowed"
             )
-        memory = _map_copy_buffer(op, fd.fileno(), request.length)
+        session.charge(op, COPY_BUFFER_BYTES, request.length)
+        try:
+            session.charge(op, FDS_HELD)
+            try:
+                memory = _map_copy_buffer(op, fd.fileno(), request.length)
+            except BaseException:
+                session.credit(FDS_HELD)
+                raise
+        except BaseException:
+            session.credit(COPY_BUFFER_BYTES, request.length)
+            raise
     buffer_id = state.next_id()
     state.copy_buffers[buffer_id] = _CopyBuffer(memory, request.length)
     return Reply(gntdev_pb2.RegisterCopyBufferResponse(buffer_id=buffer_id))
@@ -397,7 +431,9 @@ async def unregister_copy_buffer(
     buffer = gntdev_state(session).copy_buffers.pop(request.buffer_id, None)
     if buffer is None:
         raise BrokerError(errno.ENOENT, op, f"no copy buffer {request.buffer_id} in this session")
-    buffer.memory.close()
+    buffer.close()
+    session.credit(COPY_BUFFER_BYTES, buffer.length)
+    session.credit(FDS_HELD)
     return Reply(gntdev_pb2.UnregisterCopyBufferResponse())
 
 
@@ -420,6 +456,7 @@ async def grant_copy(session: Session, request: gntdev_pb2.GrantCopyRequest) -> 
                 op,
                 f"{inline_bytes} bytes of inline destinations exceed {MAX_INLINE_COPY_BYTES}; register a copy buffer",
             )
+        check_copy_peers(session, op, segments)
         statuses = session.gntdev.grant_copy(segments) if segments else []
     finally:
         # The views pin the copy buffers' mmaps: release them so that an
@@ -451,11 +488,17 @@ async def dmabuf_export_from_refs(
         raise invalid(op, f"flags {request.flags:#x} has bits other than GNTDEV_DMA_FLAG_WC and GNTDEV_DMA_FLAG_COHERENT")
     quota_grants(session, op, request.count)
     state = gntdev_state(session)
-    fd = session.gntdev.dmabuf_export_from_refs(request.domid, list(request.refs), request.flags)
+    session.charge(op, FDS_HELD)  # the export's number, kept until it is released
     try:
-        for_client = fd.dup()
+        check_peers(session, op, "map grants of", domains=(request.domid,))
+        fd = session.gntdev.dmabuf_export_from_refs(request.domid, list(request.refs), request.flags)
+        try:
+            for_client = fd.dup()  # the broker's own dma-buf: the client gets just that buffer
+        except BaseException:
+            fd.close()
+            raise
     except BaseException:
-        fd.close()
+        session.credit(FDS_HELD)
         raise
     # The client gets the duplicate; the broker keeps only the number (see _Export).
     reserve_number(fd)
@@ -507,6 +550,7 @@ async def dmabuf_export_wait_released(
     export.fd.close()
     session.usage.dmabufs -= 1
     session.usage.mapped_grants -= export.count
+    session.credit(FDS_HELD)
     return Reply(gntdev_pb2.DmabufExportWaitReleasedResponse())
 
 
@@ -522,8 +566,14 @@ async def dmabuf_import_to_refs(
         check_count(op, request.count, "pages")
         check_domid(op, request.domid)
         quota_grants(session, op, request.count)
-        instance = session.gntdev
-        refs = instance.dmabuf_import_to_refs(fd.fileno(), request.domid, request.count)
+        session.charge(op, FDS_HELD)  # the client's dma-buf, kept until the import is released
+        try:
+            check_peers(session, op, "grant to", domains=(request.domid,))
+            instance = session.gntdev
+            refs = instance.dmabuf_import_to_refs(fd.fileno(), request.domid, request.count)
+        except BaseException:
+            session.credit(FDS_HELD)
+            raise
     except BaseException:
         fd.close()
         raise
@@ -550,6 +600,7 @@ async def dmabuf_import_release(
     imported.fd.close()
     session.usage.dmabufs -= 1
     session.usage.granted_pages -= imported.count
+    session.credit(FDS_HELD)
     return Reply(gntdev_pb2.DmabufImportReleaseResponse())
 
 
@@ -604,6 +655,12 @@ def _mapping_at(op: str, state: GntdevState, index: int, count: int) -> _Mapping
 
 
 def _map_copy_buffer(op: str, fd: int, length: int) -> mmap.mmap:
+    # The client's descriptor is mapped as it is, never reopened: the kernel
+    # holds the mapping to that descriptor's own access, so an O_PATH or
+    # O_RDONLY descriptor (a read-only span included) cannot be mapped
+    # read-write (EBADF / EACCES below) and the broker gains no access the
+    # client lacks.  F_SEAL_SHRINK keeps the file from shrinking under the
+    # mapping, which would SIGBUS the broker.
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise invalid(op, "the copy buffer must be a memfd (a regular, mappable file)")
@@ -620,6 +677,9 @@ def _map_copy_buffer(op: str, fd: int, length: int) -> mmap.mmap:
     try:
         return mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+            # The broker is short of descriptors (mmap keeps a duplicate) or memory: not the client's fault.
+            raise BrokerError(exc.errno, op, f"the broker cannot map the copy buffer now: {exc.strerror}") from None
         raise BrokerError(errno.EBADF, op, f"the copy buffer cannot be mapped read-write: {exc.strerror}") from None
 
 
@@ -632,11 +692,10 @@ def _copy_segment(
     inline_dests: dict[int, bytearray],
 ) -> GrantCopySegment:
     # Every field is read once: a call carries up to MAX_COPY_SEGMENTS of these.
+    # What is particular to the message (which oneof is set, inline data) is
+    # checked here; the rules of a segment, which ring records follow too, in
+    # check_copy_segment, copy_foreign and copy_local.
     length, flags, source, dest = segment.len, segment.flags, segment.source, segment.dest
-    if length > U16_MAX:
-        raise invalid(op, f"segment {i}: len {length} does not fit 16 bits")
-    if flags & ~GNTCOPY_FLAGS:
-        raise invalid(op, f"segment {i}: flags {flags:#x} has bits other than GNTCOPY_source_gref and GNTCOPY_dest_gref")
     source_kind = source.WhichOneof("pointer")
     dest_kind = dest.WhichOneof("pointer")
     if source_kind is None or dest_kind is None:
@@ -649,8 +708,7 @@ def _copy_segment(
         raise invalid(
             op, f"segment {i}: the dest is {dest_kind} but GNTCOPY_dest_gref is {'set' if flags & GNTCOPY_dest_gref else 'clear'}"
         )
-    if source_kind == "virt" and dest_kind == "virt":
-        raise invalid(op, f"segment {i}: both sides are local; one side of a grant copy must be a grant")
+    check_copy_segment(op, "segment", i, length, flags)
     return GrantCopySegment(
         _copy_pointer(op, state, i, "source", source, source_kind, length, views, None),
         _copy_pointer(op, state, i, "dest", dest, dest_kind, length, views, inline_dests),
@@ -671,10 +729,7 @@ def _copy_pointer(
 ) -> CopyLocal | CopyForeign:
     if kind == "foreign":
         foreign = pointer.foreign
-        if foreign.offset > U16_MAX:
-            raise invalid(op, f"segment {i}: {name} offset {foreign.offset} does not fit 16 bits")
-        check_domid(op, foreign.domid, f"segment {i}: {name} domid")
-        return CopyForeign(foreign.ref, foreign.offset, foreign.domid)
+        return copy_foreign(op, "segment", i, name, foreign.ref, foreign.offset, foreign.domid, length)
     local = pointer.virt
     if local.buffer_id:
         if local.data:
@@ -685,10 +740,63 @@ def _copy_pointer(
             if buffer is None:
                 raise invalid(op, f"segment {i}: no copy buffer {local.buffer_id} in this session")
             view = views[local.buffer_id] = memoryview(buffer.memory)
-        return CopyLocal(view, local.offset)
+        return copy_local(op, "segment", i, name, view, "copy buffer", local.offset, length)
     if inline_dests is None:  # inline source: the request's bytes
-        return CopyLocal(memoryview(local.data), local.offset)
+        data = memoryview(local.data)
+        return copy_local(op, "segment", i, name, data, "inline data", local.offset, length)
     if local.data or local.offset:
         raise invalid(op, f"segment {i}: an inline dest takes neither data nor an offset; its bytes come back in the response")
     inline_dests[i] = bytearray(length)
     return CopyLocal(memoryview(inline_dests[i]), 0)
+
+
+# The rules of one grant-copy segment, wherever it comes from (a GrantCopy
+# message, a copy ring's record): each is written here once.  *where* and *i*
+# name the segment in an error ("segment 3", "ring record 17"); the checks
+# cost a few comparisons, since a call carries thousands of segments.
+
+
+def check_copy_segment(op: str, where: str, i: int, length: int, flags: int) -> None:
+    """The segment as a whole: its length fits ``__u16``, its flags are known,
+    and one side is a grant (``GNTCOPY_*_gref`` says which sides are)."""
+    if length > U16_MAX:
+        raise invalid(op, f"{where} {i}: len {length} does not fit 16 bits")
+    if flags & ~GNTCOPY_FLAGS:
+        raise invalid(op, f"{where} {i}: flags {flags:#x} has bits other than GNTCOPY_source_gref and GNTCOPY_dest_gref")
+    if not flags:
+        raise invalid(op, f"{where} {i}: both sides are local; one side of a grant copy must be a grant")
+
+
+def check_copy_peers(session: Session, op: str, segments: Sequence[GrantCopySegment]) -> None:
+    """The domains whose grants *segments* copy from or to are ones the
+    broker's policy lets the session name (:func:`~grant_broker.core.checks.check_peers`)."""
+    domains = (side.domid for segment in segments for side in (segment.source, segment.dest) if isinstance(side, CopyForeign))
+    check_peers(session, op, "copy with grants of", domains=domains)
+
+
+def copy_foreign(op: str, where: str, i: int, name: str, ref: int, offset: int, domid: int, length: int) -> CopyForeign:
+    """A side in a granted page: its offset fits ``__u16``, its domain ``domid_t``,
+    and its *length* bytes stay within the page (as ``gntdev_grant_copy_seg``
+    refuses, before any device is touched)."""
+    if offset > U16_MAX:
+        raise invalid(op, f"{where} {i}: {name} offset {offset} does not fit 16 bits")
+    if domid > DOMID_MAX:
+        check_domid(op, domid, f"{where} {i}: {name} domid")
+    if offset + length > PAGE_SIZE:
+        raise invalid(
+            op,
+            f"{where} {i}: {name} ref {ref} of domain {domid}: {length} bytes at offset {offset} cross the page boundary",
+        )
+    return CopyForeign(ref, offset, domid)
+
+
+def copy_local(
+    op: str, where: str, i: int, name: str, view: memoryview, what: str, offset: int, length: int
+) -> CopyLocal:
+    """A side in the client's own memory (*view*: a copy buffer, inline data):
+    its *length* bytes at *offset* are within it."""
+    if offset + length > len(view):
+        raise invalid(
+            op, f"{where} {i}: the {name} range {offset}..{offset + length} is outside its {len(view)}-byte {what}"
+        )
+    return CopyLocal(view, offset)

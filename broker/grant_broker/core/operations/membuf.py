@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from grant_broker.backend.contract import MemBufDevice
 from grant_broker.backend.membuf_rules import check_acl_count
-from grant_broker.core.checks import check_reserved_zero, invalid
+from grant_broker.core.checks import check_peers, check_reserved_zero, invalid
 from grant_broker.core.reply import Reply
 from grant_broker.core.session import Session
 from grant_broker_protocol.abi import AclEntry
@@ -50,6 +50,7 @@ async def _on_device(device: MemBufDevice, call: Callable[[], _Result]) -> _Resu
 async def alloc(session: Session, request: membuf_pb2.MemBufAllocRequest) -> Reply[membuf_pb2.MemBufAllocResponse]:
     op = "mem-buf alloc"
     acl = _acl(op, request.nr_acl_entries, request.acl_list)
+    check_peers(session, op, "lend memory to", vmids=[entry.vmid for entry in acl])
     check_reserved_zero(op, reserved0=request.reserved0, reserved1=request.reserved1, reserved2=request.reserved2)
     if not 0 < request.size <= MAX_ALLOC_BYTES:
         raise invalid(op, f"size {request.size} is not between 1 and {MAX_ALLOC_BYTES} bytes")
@@ -75,12 +76,14 @@ async def export(session: Session, request: membuf_pb2.MemBufExportRequest) -> R
     # Descriptors first, even for a request about to be refused: a transfer
     # left unclaimed would count against the session's pending transfers.
     (dma_buf,) = await session.take_fds(op, request.fd_transfer, [request.dma_buf_fd.index])
-    # The backend dups what it keeps of the dma-buf: the broker's copy of
-    # the client's descriptor is not needed past the call.
+    # The backend dups what it keeps of the dma-buf (a dup keeps the client's
+    # open file description and so its access mode; nothing reopens it), and
+    # the broker's copy of the client's descriptor is not needed past the call.
     with dma_buf:
         session.check_live(op)
         acl = _acl(op, request.nr_acl_entries, request.acl_list)
         check_reserved_zero(op, reserved0=request.reserved0, reserved1=request.reserved1, reserved2=request.reserved2)
+        check_peers(session, op, "share memory with", vmids=[entry.vmid for entry in acl])
         device = session.membuf
         exported = await _on_device(device, functools.partial(device.export, dma_buf.fileno(), acl))
     session.usage.membufs += 1
@@ -93,6 +96,7 @@ async def export(session: Session, request: membuf_pb2.MemBufExportRequest) -> R
 async def import_(session: Session, request: membuf_pb2.MemBufImportRequest) -> Reply[membuf_pb2.MemBufImportResponse]:
     op = "mem-buf import"
     acl = _acl(op, request.nr_acl_entries, request.acl_list)
+    check_peers(session, op, "import memory shared with", vmids=[entry.vmid for entry in acl])
     check_reserved_zero(
         op,
         reserved0=request.reserved0,

@@ -1,0 +1,208 @@
+"""The fast path: a session's calls as frames on its own fd channel.
+
+The session's SOCK_SEQPACKET connection is authenticated at the hello,
+ordered and able to carry descriptors, so a call can travel on it as one
+datagram and its reply — with the reply's descriptors — as another, with no
+rendezvous between two sockets.  Calls are served by the same route table,
+hence the same operations, as gRPC (see ``fdchannel.proto`` for the frames).
+
+Per session: many calls in flight, each in a task of its own, at most
+``Limits.max_fast_calls_in_flight`` unary calls at once — at the bound the
+frame reader waits, so the client's further frames stay in its own socket
+buffer.  Streams are bounded by the subscription budget instead.  Event
+subscriptions send ``PortFired``/``EventsLost`` frames from their own bounded
+queue (the fan-out's): a client that does not read fills the queue and is
+told what it lost, the broker never blocks on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, cast
+
+from google.protobuf.message import DecodeError, Message
+
+from grant_broker.core.failures import as_broker_error
+from grant_broker.core.reply import Reply
+from grant_broker.core.routes import Route, StreamOperation, UnaryOperation
+from grant_broker.core.session import Session
+from grant_broker_protocol.errors import BrokerError, error_detail
+from grant_broker_protocol.fdchannel import MAX_FDS_PER_FRAME, ProtocolError
+from grant_broker_protocol.methods import FD_TRANSFER_FIELD
+from grant_broker_protocol.v1 import evtchn_pb2
+from grant_broker_protocol.v1.fdchannel_pb2 import (
+    Call,
+    CallReply,
+    EventsLost,
+    FdFrame,
+    PortFired,
+    StreamEnd,
+)
+
+log = logging.getLogger(__name__)
+
+
+class FastPath:
+    """Serves the fast-path calls of one session."""
+
+    def __init__(self, session: Session, routes: Mapping[str, Route], max_in_flight: int) -> None:
+        self._session = session
+        self._routes = routes
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._calls: dict[int, asyncio.Task[None]] = {}
+        self._streams: set[int] = set()  # the calls of self._calls that are streams
+        session.on_release(self.end_streams)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._calls)
+
+    async def start(self, call: Call) -> None:
+        """Start serving *call* (from the session's frame reader).  Waits while
+        the session is at its bound of calls in flight.
+
+        Raises:
+            ProtocolError: call id 0, or one already in flight.
+        """
+        call_id = call.call_id
+        if call_id == 0:
+            raise ProtocolError("call id 0 is reserved")
+        if call_id in self._calls:
+            raise ProtocolError(f"call id {call_id} is already in flight")
+        route = self._routes.get(call.method)
+        # A stream lives as long as its subscription, bounded by the
+        # subscription budget: it takes no call slot, or a session's long-lived
+        # streams would leave its calls (and its Cancel frames) unserved.
+        counted = route is None or not route.streaming
+        if counted:
+            await self._slots.acquire()
+        task = asyncio.get_running_loop().create_task(self._serve(call_id, call.method, call.request))
+        self._calls[call_id] = task
+        task.add_done_callback(lambda _: self._finished(call_id, counted))
+
+    def _finished(self, call_id: int, counted: bool) -> None:
+        self._calls.pop(call_id, None)
+        if counted:
+            self._slots.release()
+
+    def cancel(self, call_id: int) -> None:
+        """The client ends a (streaming) call; an unknown id is ignored — the
+        call may have ended on its own meanwhile."""
+        task = self._calls.get(call_id)
+        if task is not None:
+            task.cancel()
+
+    def end_streams(self) -> None:
+        """Tell the client its streams ended, as gRPC streams end with OK when
+        their session does — if the socket takes it at once: the client may
+        be gone already.  Runs when the session is released, before its
+        connection closes."""
+        for call_id in sorted(self._streams):
+            self._session.channel.send_nowait(FdFrame(stream_end=StreamEnd(call_id=call_id)))
+        self._streams.clear()
+
+    async def close(self) -> None:
+        """Stop serving every call (the session ends)."""
+        tasks = list(self._calls.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------ serving
+
+    async def _serve(self, call_id: int, method: str, payload: bytes) -> None:
+        route = self._routes.get(method)
+        try:
+            if route is None:
+                raise BrokerError(errno.ENOSYS, "fast path", f"no method {method!r} on the fast path; call it over gRPC")
+            try:
+                request = route.request_type.FromString(payload)
+            except DecodeError as exc:
+                raise BrokerError(errno.EINVAL, route.method, f"the request does not decode: {exc}") from None
+            if route.streaming:
+                await self._stream(call_id, route, request)
+                return
+            reply = await cast(UnaryOperation, route.operation)(self._session, request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - told to the client, never swallowed
+            await self._send(FdFrame(reply=CallReply(call_id=call_id, error=error_detail(as_broker_error(exc)))))
+            return
+        await self._reply(call_id, reply)
+
+    async def _reply(self, call_id: int, reply: Reply[Any]) -> None:
+        """The reply's message and descriptors in one datagram — or, past
+        MAX_FDS_PER_FRAME descriptors, the descriptors as a transfer ahead of
+        it, named by the response's fd_transfer as over gRPC."""
+        channel = self._session.channel
+        try:
+            message: Message = reply.message
+            fds = [fd.fileno() for fd in reply.fds]
+            if len(fds) > MAX_FDS_PER_FRAME:
+                setattr(message, FD_TRANSFER_FIELD, await channel.send_transfer(fds))
+                fds = []
+            frame = FdFrame(reply=CallReply(call_id=call_id, response=message.SerializeToString(), fd_count=len(fds)))
+            if frame.ByteSize() > channel.max_frame_bytes:
+                # The operation did its work: say why its answer is missing.
+                error = BrokerError(
+                    errno.EMSGSIZE,
+                    "fast path",
+                    f"the reply of {frame.ByteSize()} bytes exceeds the fast path's {channel.max_frame_bytes}; "
+                    "make this call over gRPC",
+                )
+                frame, fds = FdFrame(reply=CallReply(call_id=call_id, error=error_detail(error))), []
+            await self._send(frame, fds)
+        finally:
+            reply.close()
+
+    async def _stream(self, call_id: int, route: Route, request: Message) -> None:
+        messages: AsyncIterator[Message] = cast(StreamOperation, route.operation)(self._session, request)
+        self._streams.add(call_id)
+        try:
+            try:
+                first = await anext(messages)
+            except StopAsyncIteration:
+                await self._send(FdFrame(stream_end=StreamEnd(call_id=call_id)))
+                return
+            # The first message (Event{subscribed}) answers the call: the stream is live.
+            await self._send(FdFrame(reply=CallReply(call_id=call_id, response=first.SerializeToString())))
+            try:
+                async for message in messages:
+                    await self._send(_stream_frame(call_id, message))
+            except asyncio.CancelledError:
+                if self._session.closed.is_set():
+                    raise
+                # Cancel from the client: the stream ends normally.
+                await self._send(FdFrame(stream_end=StreamEnd(call_id=call_id)))
+                return
+            except Exception as exc:  # noqa: BLE001 - told to the client
+                await self._send(FdFrame(stream_end=StreamEnd(call_id=call_id, error=error_detail(as_broker_error(exc)))))
+                return
+            await self._send(FdFrame(stream_end=StreamEnd(call_id=call_id)))
+        finally:
+            self._streams.discard(call_id)
+            await messages.aclose()  # type: ignore[attr-defined]
+
+    async def _send(self, frame: FdFrame, fds: list[int] | None = None) -> None:
+        channel = self._session.channel
+        if channel.closed:
+            return
+        try:
+            await channel.send(frame, fds or ())
+        except OSError as exc:
+            # The client is gone: its session ends with the channel's reader.
+            log.debug("session %d: fast-path send failed: %s", self._session.id, exc)
+
+
+def _stream_frame(call_id: int, message: Message) -> FdFrame:
+    """A message of a streaming call as its frame (the events of Subscribe)."""
+    event = cast(evtchn_pb2.Event, message)
+    kind = event.WhichOneof("kind")
+    if kind == "port":
+        return FdFrame(port_fired=PortFired(call_id=call_id, port=event.port))
+    if kind == "lost":
+        return FdFrame(events_lost=EventsLost(call_id=call_id, count=event.lost))
+    raise ValueError(f"no fast-path frame for a stream message of kind {kind}")

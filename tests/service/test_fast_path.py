@@ -1,0 +1,331 @@
+"""The fast path: calls as frames on the session's fd channel (fdchannel.proto, 5-9).
+
+The other service tests run every SDK call through both transports (the
+``transport`` fixture); these are about the fast path itself: the hello that
+offers it, replies matched by id with their descriptors in the same
+datagram, and frames a client should never send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from pathlib import Path
+
+import grpc
+import pytest
+
+import grant_broker_client
+from grant_broker.core.policy import Limits
+from grant_broker.daemon.server import BrokerServer, ServerConfig
+from grant_broker_client import BrokerClientError
+from grant_broker_protocol.fdchannel import (
+    FAST_PATH_FRAME_BYTES,
+    FAST_PATH_VERSION,
+    FdChannel,
+)
+from grant_broker_protocol.fds import open_fd_count
+from grant_broker_protocol.v1 import broker_pb2, evtchn_pb2, gntdev_pb2
+from grant_broker_protocol.v1.fdchannel_pb2 import Call, Cancel, ClientHello, FdFrame
+
+from .conftest import InProcessBroker
+
+SHARER, MAPPER = 1, 2
+
+
+@pytest.fixture
+def broker_limits() -> Limits:
+    """This module's broker serves at most 4 calls of a session at once (every
+    test here runs into that bound), and allows more subscriptions than that:
+    streams must not hold call slots."""
+    return Limits(max_fast_calls_in_flight=4, max_subscriptions_per_session=16)
+
+
+@pytest.fixture(params=["fast-path"], autouse=True)
+def transport(request: pytest.FixtureRequest) -> str:
+    """These tests are about the fast path alone (overrides the conftest's two transports)."""
+    return str(request.param)
+
+
+async def test_the_sdk_uses_the_fast_path_when_the_broker_offers_it(broker: InProcessBroker) -> None:
+    async with await grant_broker_client.connect(broker.socket_path) as session:
+        assert session.fast_path
+
+
+async def test_a_client_that_does_not_ask_gets_grpc_only(broker: InProcessBroker) -> None:
+    async with await grant_broker_client.connect(broker.socket_path, fast_path=False) as session:
+        assert not session.fast_path
+        assert (await session.describe()).session_id == session.session_id
+
+
+async def test_a_broker_without_the_fast_path_serves_the_sdk_over_grpc(short_tmp: Path) -> None:
+    config = ServerConfig(socket_path=str(short_tmp / "b.sock"), backend="emulated", grace_seconds=0, fast_path=False)
+    async with BrokerServer(config):
+        async with await grant_broker_client.connect(config.socket_path, domid=SHARER) as sharer, \
+                await grant_broker_client.connect(config.socket_path, domid=MAPPER) as mapper:
+            assert not sharer.fast_path and not mapper.fast_path
+            async with await sharer.gntalloc.share(MAPPER, 1) as pages, \
+                    await mapper.gntdev.map([(SHARER, pages.refs[0])]) as mapping:
+                pages.view[0:2] = b"ok"
+                assert bytes(mapping.view[0:2]) == b"ok"
+
+
+async def test_fast_path_calls_need_no_grpc_connection(broker: InProcessBroker) -> None:
+    async with await grant_broker_client.connect(broker.socket_path, domid=SHARER) as sharer, \
+            await grant_broker_client.connect(broker.socket_path, domid=MAPPER) as mapper:
+        # The device clients make their gRPC stubs on first use (grpcio
+        # crashes making one on a closed channel): use each once first.
+        for session in (sharer, mapper):
+            for client in (session.gntdev, session.gntalloc, session.evtchn):
+                client._stub  # noqa: B018 - made now, while the channel is open
+        await sharer.grpc_channel.close()
+        await mapper.grpc_channel.close()
+        async with await sharer.gntalloc.share(MAPPER, 2, writable=True) as pages, \
+                await mapper.gntdev.map([(SHARER, ref) for ref in pages.refs], writable=True) as mapping:
+            mapping.view[0:4] = b"fast"
+            assert bytes(pages.view[0:4]) == b"fast"
+        port = await sharer.evtchn.bind_unbound_port(MAPPER)
+        async with mapper.evtchn.subscribe() as events:
+            client_port = await mapper.evtchn.bind_interdomain(SHARER, port)
+            assert (await asyncio.wait_for(anext(events), 5)).port == client_port  # the bind's own event
+            await sharer.evtchn.notify(port)
+            assert (await asyncio.wait_for(anext(events), 5)).port == client_port
+
+
+async def test_replies_are_matched_to_their_calls_with_many_in_flight(broker: InProcessBroker) -> None:
+    async with await grant_broker_client.connect(broker.socket_path, domid=SHARER) as sharer, \
+            await grant_broker_client.connect(broker.socket_path, domid=MAPPER) as mapper:
+        shares = [await sharer.gntalloc.share(MAPPER, 1) for _ in range(20)]
+        for i, pages in enumerate(shares):
+            pages.view[0:2] = i.to_bytes(2, "little")
+        mappings = await asyncio.gather(*(mapper.gntdev.map([(SHARER, pages.refs[0])]) for pages in shares))
+        assert [int.from_bytes(m.view[0:2], "little") for m in mappings] == list(range(20))
+        infos = await asyncio.gather(*(mapper.describe() for _ in range(200)))
+        assert {info.session_id for info in infos} == {mapper.session_id}
+        for mapping in mappings:
+            await mapping.close()
+        for pages in shares:
+            await pages.close()
+
+
+async def test_a_reply_with_more_descriptors_than_a_datagram_carries(broker: InProcessBroker) -> None:
+    # Forty single-page shares map as forty spans: more than the 32 a frame carries.
+    async with await grant_broker_client.connect(broker.socket_path, domid=SHARER) as sharer, \
+            await grant_broker_client.connect(broker.socket_path, domid=MAPPER) as mapper:
+        shares = [await sharer.gntalloc.share(MAPPER, 1) for _ in range(40)]
+        for i, pages in enumerate(shares):
+            pages.view[0] = i
+        async with await mapper.gntdev.map([(SHARER, pages.refs[0]) for pages in shares]) as mapping:
+            assert [mapping.view[i * 4096] for i in range(40)] == list(range(40))
+        for pages in shares:
+            await pages.close()
+
+
+async def test_errors_on_the_fast_path_carry_errno_and_grpc_code(broker: InProcessBroker) -> None:
+    async with await grant_broker_client.connect(broker.socket_path, domid=MAPPER) as mapper:
+        with pytest.raises(BrokerClientError) as raised:
+            await mapper.gntdev.unmap_grant_ref(0x7000, 1)
+        assert (raised.value.errno, raised.value.code) == (errno.ENOENT, grpc.StatusCode.NOT_FOUND)
+        assert "index 0x7000" in raised.value.detail
+
+
+async def test_a_request_too_large_for_a_frame_goes_over_grpc(broker: InProcessBroker) -> None:
+    async with await grant_broker_client.connect(broker.socket_path, domid=MAPPER) as mapper:
+        # 20000 refs of domain 1, none granted: the broker answers for the refs, whichever transport.
+        with pytest.raises(BrokerClientError) as raised:
+            await mapper.gntdev.map([(SHARER, ref) for ref in range(8, 20008)])
+        assert raised.value.errno in (errno.EINVAL, errno.EPERM, errno.ENOENT, errno.EFAULT), str(raised.value)
+
+
+# --------------------------------------------------------------------------- frames a client should never send
+
+
+async def _raw_session(socket_path: str, *, fast: bool = True) -> tuple[FdChannel, int]:
+    channel = await FdChannel.connect(socket_path + ".fds")
+    await channel.send(
+        FdFrame(client_hello=ClientHello(protocol_version=1, client_name="raw", fast_path_version=FAST_PATH_VERSION if fast else 0))
+    )
+    frame, _ = await channel.receive()
+    assert frame.WhichOneof("body") == "server_hello"
+    assert frame.server_hello.fast_path_version == (FAST_PATH_VERSION if fast else 0)
+    if fast:
+        assert frame.server_hello.max_frame_bytes == FAST_PATH_FRAME_BYTES
+        channel.max_frame_bytes = frame.server_hello.max_frame_bytes
+    return channel, frame.server_hello.session_id
+
+
+async def _ends_with_protocol_error(channel: FdChannel) -> str:
+    frame, fds = await asyncio.wait_for(channel.receive(), 5)
+    for fd in fds:
+        fd.close()
+    assert frame.WhichOneof("body") == "error", frame
+    return frame.error.message
+
+
+def _call(call_id: int, method: str, request: bytes = b"") -> FdFrame:
+    return FdFrame(call=Call(call_id=call_id, method=method, request=request))
+
+
+DESCRIBE = "/grant_broker.v1.Broker/DescribeSession"
+
+
+async def test_a_call_before_the_hello_ends_the_channel(broker: InProcessBroker) -> None:
+    channel = await FdChannel.connect(broker.socket_path + ".fds")
+    try:
+        await channel.send(_call(1, DESCRIBE))
+        assert "ClientHello" in await _ends_with_protocol_error(channel)
+    finally:
+        channel.close()
+
+
+async def test_a_call_without_the_fast_path_ends_the_session(broker: InProcessBroker) -> None:
+    channel, _ = await _raw_session(broker.socket_path, fast=False)
+    try:
+        await channel.send(_call(1, DESCRIBE))
+        assert "unexpected call frame" in await _ends_with_protocol_error(channel)
+    finally:
+        channel.close()
+
+
+async def test_call_id_zero_ends_the_session(broker: InProcessBroker) -> None:
+    channel, _ = await _raw_session(broker.socket_path)
+    try:
+        await channel.send(_call(0, DESCRIBE))
+        assert "call id 0" in await _ends_with_protocol_error(channel)
+    finally:
+        channel.close()
+
+
+async def test_an_unknown_method_is_answered_enosys(broker: InProcessBroker) -> None:
+    channel, session_id = await _raw_session(broker.socket_path)
+    try:
+        await channel.send(_call(7, "/grant_broker.v1.Gntdev/Nope"))
+        frame, _ = await asyncio.wait_for(channel.receive(), 5)
+        assert frame.reply.call_id == 7 and frame.reply.error.errno == errno.ENOSYS
+        # The session goes on.
+        await channel.send(_call(8, DESCRIBE))
+        frame, _ = await asyncio.wait_for(channel.receive(), 5)
+        assert broker_pb2.SessionInfo.FromString(frame.reply.response).session_id == session_id
+    finally:
+        channel.close()
+
+
+async def test_an_undecodable_request_is_answered_einval(broker: InProcessBroker) -> None:
+    channel, _ = await _raw_session(broker.socket_path)
+    try:
+        await channel.send(_call(3, "/grant_broker.v1.Gntdev/Map", b"\xff\xff\xff"))
+        frame, _ = await asyncio.wait_for(channel.receive(), 5)
+        assert frame.reply.call_id == 3 and frame.reply.error.errno == errno.EINVAL
+    finally:
+        channel.close()
+
+
+async def test_a_frame_beyond_the_agreed_size_ends_the_session(broker: InProcessBroker) -> None:
+    channel, _ = await _raw_session(broker.socket_path)
+    try:
+        channel.max_frame_bytes = 4 * FAST_PATH_FRAME_BYTES  # this end cheats
+        request = gntdev_pb2.MapRequest(domids=[1], refs=list(range(8, 8 + FAST_PATH_FRAME_BYTES // 2)))
+        await channel.send(_call(1, "/grant_broker.v1.Gntdev/Map", request.SerializeToString()))
+        assert "larger than" in await _ends_with_protocol_error(channel)
+    finally:
+        channel.close()
+
+
+async def test_a_call_id_reused_while_in_flight_ends_the_session(broker: InProcessBroker) -> None:
+    channel, _ = await _raw_session(broker.socket_path)
+    try:
+        port_request = evtchn_pb2.SubscribeRequest().SerializeToString()
+        await channel.send(_call(5, "/grant_broker.v1.Evtchn/Subscribe", port_request))  # stays in flight
+        frame, _ = await asyncio.wait_for(channel.receive(), 5)
+        assert frame.reply.call_id == 5 and evtchn_pb2.Event.FromString(frame.reply.response).subscribed
+        await channel.send(_call(5, DESCRIBE))
+        assert "already in flight" in await _ends_with_protocol_error(channel)
+    finally:
+        channel.close()
+
+
+async def test_cancel_ends_a_stream_with_stream_end(broker: InProcessBroker) -> None:
+    channel, _ = await _raw_session(broker.socket_path)
+    try:
+        await channel.send(_call(9, "/grant_broker.v1.Evtchn/Subscribe", evtchn_pb2.SubscribeRequest().SerializeToString()))
+        frame, _ = await asyncio.wait_for(channel.receive(), 5)
+        assert frame.reply.call_id == 9
+        await channel.send(FdFrame(cancel=Cancel(call_id=9)))
+        frame, _ = await asyncio.wait_for(channel.receive(), 5)
+        assert frame.WhichOneof("body") == "stream_end" and frame.stream_end.call_id == 9
+        assert not frame.stream_end.HasField("error")
+    finally:
+        channel.close()
+
+
+async def test_a_flooding_session_does_not_starve_another(broker: InProcessBroker) -> None:
+    flooder, _ = await _raw_session(broker.socket_path)
+    try:
+        async with await grant_broker_client.connect(broker.socket_path) as bystander:
+            sent = 0
+
+            async def flood() -> None:
+                nonlocal sent
+                # Never reads its replies: its socket fills, the broker stops reading it.
+                with flooder_socket(flooder) as sock:
+                    while True:
+                        sent += 1
+                        try:
+                            sock.send(_call(sent, DESCRIBE).SerializeToString(), socket.MSG_DONTWAIT)
+                        except BlockingIOError:
+                            await asyncio.sleep(0.001)
+
+            flooding = asyncio.create_task(flood())
+            try:
+                await asyncio.sleep(0.2)
+                infos = [await asyncio.wait_for(bystander.describe(), 10) for _ in range(20)]
+                assert all(info.session_id == bystander.session_id for info in infos)
+                assert sent > 100, "the flood never got going"
+            finally:
+                flooding.cancel()
+                await asyncio.gather(flooding, return_exceptions=True)
+    finally:
+        flooder.close()
+
+
+class flooder_socket:
+    """The raw socket of an FdChannel, for sending without the loop's help."""
+
+    def __init__(self, channel: FdChannel) -> None:
+        self._sock = socket.socket(fileno=channel.fileno())
+
+    def __enter__(self) -> socket.socket:
+        return self._sock
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.detach()
+
+
+async def test_a_client_killed_mid_call_leaves_the_broker_as_it_was(broker: InProcessBroker) -> None:
+    async with await grant_broker_client.connect(broker.socket_path, domid=SHARER) as sharer:
+        pages = await sharer.gntalloc.share(MAPPER, 4)
+        before = open_fd_count()
+        for _ in range(5):
+            channel, _ = await _raw_session(broker.socket_path)
+            request = gntdev_pb2.MapRequest(domids=[SHARER], refs=list(pages.refs))
+            for call_id in range(1, 30):
+                await channel.send(_call(call_id, "/grant_broker.v1.Gntdev/Map", request.SerializeToString()))
+            channel.close()  # with replies and their descriptors unread
+        for _ in range(200):
+            if len(broker.registry.sessions) == 1 and open_fd_count() == before:
+                break
+            await asyncio.sleep(0.02)
+        assert len(broker.registry.sessions) == 1
+        assert open_fd_count() == before
+        await pages.close()
+
+
+
+async def test_long_lived_streams_take_no_call_slots(broker: InProcessBroker) -> None:
+    async with await grant_broker_client.connect(broker.socket_path, domid=SHARER) as session:
+        await session.evtchn.bind_unbound_port(MAPPER)
+        subscriptions = [await asyncio.wait_for(session.evtchn.subscribe(), 5) for _ in range(8)]
+        assert (await asyncio.wait_for(session.describe(), 5)).usage.subscriptions == 8
+        for subscription in subscriptions:
+            await asyncio.wait_for(subscription.close(), 5)
