@@ -119,7 +119,6 @@ class Session:
         self._metadata: tuple[tuple[str, str], ...] = ()
         # The broker's descriptors by transfer id, until the reply naming them is read.
         self._incoming = TransferTable(accumulate=True, missing_errno=errno.ETIMEDOUT)
-        self._reader: asyncio.Task[None] | None = None
         self._closed = False
         self._channel_error: BaseException | None = None
         self._broker_lost = False
@@ -198,44 +197,40 @@ class Session:
         if server.fast_path_version >= FAST_PATH_VERSION and self._want_fast_path:
             self._fd_channel.max_frame_bytes = server.max_frame_bytes
             self._fast = FastCalls(self._fd_channel, self._incoming, lambda why: self._lost_error("call"))
-        self._reader = asyncio.get_running_loop().create_task(self._read_frames())
+        self._fd_channel.start_reading(self._on_frame, self._on_channel_end, on_dropped=self._on_dropped)
 
-    async def _read_frames(self) -> None:
-        try:
-            while True:
-                try:
-                    frame, fds = await self._fd_channel.receive()
-                except DescriptorsDropped as exc:
-                    # This process is out of descriptors: the call waiting for
-                    # them fails (RESOURCE_EXHAUSTED); the session goes on.
-                    self._incoming.fail(
-                        exc.transfer_id,
-                        BrokerError(errno.EMFILE, "fd channel", f"this process is out of descriptors: {exc}"),
-                    )
-                    continue
-                body = frame.WhichOneof("body")
-                if self._fast is not None and body == "reply":
-                    self._fast.on_reply(frame, fds)
-                    continue
-                if self._fast is not None and body in _STREAM_FRAMES:
-                    self._fast.on_stream_frame(frame)
-                    continue
-                if body != "transfer":
-                    for fd in fds:
-                        fd.close()
-                    if body == "error":
-                        raise ProtocolError(f"broker ended the session: {frame.error.message}")
-                    raise ProtocolError(f"unexpected {body} frame from the broker")
-                self._incoming.deliver(frame.transfer.transfer_id, fds)
-        except (ChannelClosed, ProtocolError, TransferRefused, OSError) as exc:
-            self._channel_error = exc
-            # A hang-up without a ProtocolError frame: the broker process is
-            # gone (stopped, crashed, restarting), not refusing this session.
-            self._broker_lost = isinstance(exc, (ChannelClosed, OSError))
-            self._incoming.close(BrokerError(errno.EPIPE, "fd channel", f"the session's fd channel is gone: {exc}"))
-            if self._fast is not None:
-                self._fast.fail(self._lost_error("call") if self._broker_lost else BrokerClientError(
-                    errno.EPIPE, "fd channel", f"the session's fd channel is gone: {exc}", code=grpc.StatusCode.UNAVAILABLE))
+    def _on_frame(self, frame: FdFrame, fds: list[OwnedFd]) -> None:
+        """A frame from the broker, straight from the fd channel's reader callback."""
+        body = frame.WhichOneof("body")
+        if body == "transfer":
+            self._incoming.deliver(frame.transfer.transfer_id, fds)
+            return
+        if self._fast is not None and body == "reply":
+            self._fast.on_reply(frame, fds)
+            return
+        if self._fast is not None and body in _STREAM_FRAMES:
+            self._fast.on_stream_frame(frame)
+            return
+        for fd in fds:
+            fd.close()
+        if body == "error":
+            raise ProtocolError(f"broker ended the session: {frame.error.message}")
+        raise ProtocolError(f"unexpected {body} frame from the broker")
+
+    def _on_dropped(self, exc: DescriptorsDropped) -> None:
+        # This process is out of descriptors: the call waiting for them fails
+        # (RESOURCE_EXHAUSTED); the session goes on.
+        self._incoming.fail(exc.transfer_id, BrokerError(errno.EMFILE, "fd channel", f"this process is out of descriptors: {exc}"))
+
+    def _on_channel_end(self, exc: BaseException) -> None:
+        self._channel_error = exc
+        # A hang-up without a ProtocolError frame: the broker process is
+        # gone (stopped, crashed, restarting), not refusing this session.
+        self._broker_lost = isinstance(exc, (ChannelClosed, OSError))
+        self._incoming.close(BrokerError(errno.EPIPE, "fd channel", f"the session's fd channel is gone: {exc}"))
+        if self._fast is not None:
+            self._fast.fail(self._lost_error("call") if self._broker_lost else BrokerClientError(
+                errno.EPIPE, "fd channel", f"the session's fd channel is gone: {exc}", code=grpc.StatusCode.UNAVAILABLE))
 
     # ------------------------------------------------------------ calls
 
@@ -344,12 +339,6 @@ class Session:
         if self._closed:
             return
         self._closed = True
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
         self._fd_channel.close()
         self._incoming.close(BrokerError(errno.EPIPE, "fd channel", "the session is closed"))
         if self._fast is not None:

@@ -17,7 +17,7 @@ import errno as _errno
 import select
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
@@ -123,6 +123,13 @@ class FdChannel:
         self._receiving = False
         self.max_frame_bytes = MAX_FRAME_BYTES
         """The largest datagram this end sends or accepts (raised by the hellos)."""
+        self._on_frame: Callable[[FdFrame, list[OwnedFd]], None] | None = None
+        self._on_end: Callable[[BaseException], None] | None = None
+        self._on_dropped: Callable[[DescriptorsDropped], None] | None = None
+        self._batch = 16
+        self._reading_paused = False
+        self._reset_seen = False
+        self._reading_loop: asyncio.AbstractEventLoop | None = None
         self._next_transfer = 1
         self._transfer_lock = asyncio.Lock()
         self._writable_lock = asyncio.Lock()
@@ -319,7 +326,102 @@ class FdChannel:
         poller.register(fd, _HUNG_UP)
         return bool(poller.poll(0))
 
+    # ------------------------------------------------------------ reading by callback
+
+    def start_reading(
+        self,
+        on_frame: Callable[[FdFrame, list[OwnedFd]], None],
+        on_end: Callable[[BaseException], None],
+        *,
+        on_dropped: Callable[[DescriptorsDropped], None] | None = None,
+        batch: int = 16,
+    ) -> None:
+        """Hand every frame, with its descriptors (now the callee's), to
+        *on_frame* straight from the loop's reader callback — no task, no
+        future per frame — at most *batch* frames a turn of the loop, so that
+        one busy channel cannot keep the others waiting.
+
+        *on_end* is called once, with why reading ended: ChannelClosed,
+        ProtocolError, OSError, or what *on_frame* raised.  *on_dropped*
+        gets a transfer whose descriptors could not be received (without it,
+        that ends the reading too).  Not to be mixed with :meth:`receive`.
+        """
+        if self._on_frame is not None:
+            raise RuntimeError("this fd channel is already being read")
+        self._on_frame, self._on_end, self._on_dropped, self._batch = on_frame, on_end, on_dropped, batch
+        self._reading_paused = False
+        self._reset_seen = False
+        self._reading_loop = asyncio.get_running_loop()
+        self._reading_loop.add_reader(self._sock, self._on_readable)
+
+    def pause_reading(self) -> None:
+        """Stop taking frames (they wait in the socket) until :meth:`resume_reading`."""
+        if self._on_frame is not None and not self._reading_paused:
+            self._reading_paused = True
+            self._remove_reader()
+
+    def resume_reading(self) -> None:
+        if self._on_frame is not None and self._reading_paused and not self.closed:
+            self._reading_paused = False
+            assert self._reading_loop is not None
+            self._reading_loop.add_reader(self._sock, self._on_readable)
+
+    def stop_reading(self) -> None:
+        """Stop for good; *on_end* is not called."""
+        if self._on_frame is not None:
+            self._on_frame = None
+            if not self._reading_paused:
+                self._remove_reader()
+
+    def _remove_reader(self) -> None:
+        loop = self._reading_loop
+        if loop is not None and not loop.is_closed() and not self.closed:
+            loop.remove_reader(self._sock)
+
+    def _on_readable(self) -> None:
+        on_frame = self._on_frame
+        for _ in range(self._batch):
+            if on_frame is not self._on_frame or self._reading_paused:
+                return  # stopped or paused by a callee
+            assert on_frame is not None
+            try:
+                received = self.try_receive()
+            except ConnectionResetError:
+                # The peer closed with frames of ours unread.  Linux reports
+                # that first (once) and then still delivers what the peer sent
+                # before closing — typically the ProtocolError frame saying why.
+                if self._reset_seen:
+                    self._reading_ended(ChannelClosed("the peer reset the fd channel"))
+                    return
+                self._reset_seen = True
+                continue
+            except DescriptorsDropped as exc:
+                if self._on_dropped is None:
+                    self._reading_ended(exc)
+                    return
+                self._on_dropped(exc)
+                continue
+            except (ChannelClosed, ProtocolError, OSError) as exc:
+                self._reading_ended(exc)
+                return
+            if received is None:
+                return
+            try:
+                on_frame(*received)
+            except Exception as exc:  # noqa: BLE001 - handed to on_end, which decides
+                self._reading_ended(exc)
+                return
+
+    def _reading_ended(self, reason: BaseException) -> None:
+        on_end = self._on_end
+        self.stop_reading()
+        if on_end is not None:
+            self._on_end = None
+            on_end(reason)
+
     def close(self) -> None:
+        if self._on_frame is not None:
+            self.stop_reading()
         self._sock.close()
 
 

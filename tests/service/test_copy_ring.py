@@ -467,9 +467,7 @@ async def test_a_ring_ends_with_its_buffer(sharer: Session, mapper: Session) -> 
             await expect_error(ring.submit(0, 1), errno.ENOENT, f"no copy ring {ring.ring_id}")
         finally:
             ring.close()
-            buffer._closed = True  # unregistered by hand above
-            buffer.view.release()
-            buffer._memory.close()
+            await expect_error(buffer.aclose(), errno.ENOENT)  # unmapped here; unregistered by hand above
 
 
 async def test_the_sessions_end_releases_its_rings(broker: InProcessBroker) -> None:

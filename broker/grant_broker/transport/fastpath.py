@@ -18,6 +18,7 @@ told what it lost, the broker never blocks on it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -51,7 +52,9 @@ class FastPath:
     def __init__(self, session: Session, routes: Mapping[str, Route], max_in_flight: int) -> None:
         self._session = session
         self._routes = routes
-        self._slots = asyncio.Semaphore(max_in_flight)
+        self._max_in_flight = max_in_flight
+        self._unary_in_flight = 0
+        self._waiting: collections.deque[Call] = collections.deque()
         self._calls: dict[int, asyncio.Task[None]] = {}
         self._streams: set[int] = set()  # the calls of self._calls that are streams
         session.on_release(self.end_streams)
@@ -60,9 +63,10 @@ class FastPath:
     def in_flight(self) -> int:
         return len(self._calls)
 
-    async def start(self, call: Call) -> None:
-        """Start serving *call* (from the session's frame reader).  Waits while
-        the session is at its bound of calls in flight.
+    def submit(self, call: Call) -> None:
+        """Serve *call* (from the session's frame reader callback).  At the
+        session's bound of unary calls in flight, the call waits and the
+        reader pauses: the client's further frames stay in its socket.
 
         Raises:
             ProtocolError: call id 0, or one already in flight.
@@ -70,23 +74,37 @@ class FastPath:
         call_id = call.call_id
         if call_id == 0:
             raise ProtocolError("call id 0 is reserved")
-        if call_id in self._calls:
+        if call_id in self._calls or any(waiting.call_id == call_id for waiting in self._waiting):
             raise ProtocolError(f"call id {call_id} is already in flight")
         route = self._routes.get(call.method)
         # A stream lives as long as its subscription, bounded by the
         # subscription budget: it takes no call slot, or a session's long-lived
         # streams would leave its calls (and its Cancel frames) unserved.
-        counted = route is None or not route.streaming
+        if route is not None and route.streaming:
+            self._launch(call, counted=False)
+        elif self._unary_in_flight >= self._max_in_flight:
+            self._waiting.append(call)
+            self._session.channel.pause_reading()
+        else:
+            self._launch(call, counted=True)
+
+    def _launch(self, call: Call, *, counted: bool) -> None:
+        call_id = call.call_id
         if counted:
-            await self._slots.acquire()
+            self._unary_in_flight += 1
         task = asyncio.get_running_loop().create_task(self._serve(call_id, call.method, call.request))
         self._calls[call_id] = task
         task.add_done_callback(lambda _: self._finished(call_id, counted))
 
     def _finished(self, call_id: int, counted: bool) -> None:
         self._calls.pop(call_id, None)
-        if counted:
-            self._slots.release()
+        if not counted:
+            return
+        self._unary_in_flight -= 1
+        if self._waiting and not self._session.closed.is_set():
+            self._launch(self._waiting.popleft(), counted=True)
+            if not self._waiting:
+                self._session.channel.resume_reading()
 
     def cancel(self, call_id: int) -> None:
         """The client ends a (streaming) call; an unknown id is ignored — the

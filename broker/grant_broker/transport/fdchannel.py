@@ -23,6 +23,7 @@ from grant_broker.core.routes import Route
 from grant_broker.core.session import Session
 from grant_broker.transport.fastpath import FastPath
 from grant_broker_protocol.errors import BrokerError
+from grant_broker_protocol.fds import OwnedFd
 from grant_broker_protocol.fdchannel import (
     FAST_PATH_FRAME_BYTES,
     FAST_PATH_VERSION,
@@ -135,36 +136,50 @@ class FdChannelServer:
         return session, FastPath(session, self._routes, limits.max_fast_calls_in_flight)
 
     async def _receive_frames(self, session: Session, fast: FastPath | None) -> None:
+        """Serve the session's frames, each straight from the channel's reader
+        callback, until the channel ends; raise why it ended."""
         channel = session.channel
-        while True:
-            try:
-                frame, fds = await channel.receive()
-            except DescriptorsDropped as exc:
-                log.warning("session %d: %s: the broker is out of descriptors", session.id, exc)
-                error = BrokerError(
-                    errno.EMFILE,
-                    "fd transfer",
-                    f"the broker could not receive the {exc.announced} descriptors of transfer "
-                    f"{exc.transfer_id}: it is out of descriptors; try again later",
-                )
-                # Not the client's fault: the call naming the transfer fails, the session goes on.
-                self._refuse_on_error(lambda: session.incoming.fail(exc.transfer_id, error))
-                continue
-            body = frame.WhichOneof("body")
-            if body == "transfer":
-                transfer_id = frame.transfer.transfer_id
-                self._refuse_on_error(lambda: session.incoming.deliver(transfer_id, fds))
-            elif body == "call" and fast is not None:
-                await fast.start(frame.call)
-                # One frame at a time per session: a session that floods
-                # frames gives every other session its turn in between.
-                await asyncio.sleep(0)
-            elif body == "cancel" and fast is not None:
-                fast.cancel(frame.cancel.call_id)
-            else:
-                for fd in fds:
-                    fd.close()
-                raise ProtocolError(f"unexpected {body} frame after the hello")
+        ended: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+
+        def on_end(reason: BaseException) -> None:
+            if not ended.done():
+                ended.set_result(reason)
+
+        channel.start_reading(
+            lambda frame, fds: self._on_frame(session, fast, frame, fds),
+            on_end,
+            on_dropped=lambda exc: self._on_dropped(session, exc),
+        )
+        try:
+            reason = await ended
+        finally:
+            channel.stop_reading()
+        raise reason
+
+    def _on_frame(self, session: Session, fast: FastPath | None, frame: FdFrame, fds: list[OwnedFd]) -> None:
+        body = frame.WhichOneof("body")
+        if body == "transfer":
+            transfer_id = frame.transfer.transfer_id
+            self._refuse_on_error(lambda: session.incoming.deliver(transfer_id, fds))
+        elif body == "call" and fast is not None:
+            fast.submit(frame.call)
+        elif body == "cancel" and fast is not None:
+            fast.cancel(frame.cancel.call_id)
+        else:
+            for fd in fds:
+                fd.close()
+            raise ProtocolError(f"unexpected {body} frame after the hello")
+
+    def _on_dropped(self, session: Session, exc: DescriptorsDropped) -> None:
+        log.warning("session %d: %s: the broker is out of descriptors", session.id, exc)
+        error = BrokerError(
+            errno.EMFILE,
+            "fd transfer",
+            f"the broker could not receive the {exc.announced} descriptors of transfer "
+            f"{exc.transfer_id}: it is out of descriptors; try again later",
+        )
+        # Not the client's fault: the call naming the transfer fails, the session goes on.
+        self._refuse_on_error(lambda: session.incoming.fail(exc.transfer_id, error))
 
     @staticmethod
     def _refuse_on_error(record: Callable[[], None]) -> None:
