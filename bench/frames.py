@@ -20,8 +20,17 @@ process and a uvloop server process, in interleaved rounds:
   then ``send()``; the client a reader task looping on ``receive()`` that
   resolves the caller's future (the SDK's ``FastCalls``);
 * ``fdchannel_dispatch``: as ``fdchannel``, and the server serves each call
-  the way ``FastPath.start`` does: a semaphore slot, a task per call, and
-  one ``sleep(0)`` in the frame reader after each call frame.
+  the way ``FastPath.start`` did before the callback reader: a semaphore
+  slot, a task per call, and one ``sleep(0)`` in the frame reader after each
+  call frame;
+* ``reader_task``: both ends read with ``FdChannel.start_reading`` (frames
+  straight from the loop's reader callback), as the broker and the SDK do
+  now: the client resolves the caller's future from the callback and sends
+  with ``await FdChannel.send``; the server starts a task per call frame
+  (``FastPath.submit``) that answers with ``await FdChannel.send``;
+* ``reader_inline``: as ``reader_task``, but the server answers from the
+  reader callback itself, no task (what serving a call that never waits
+  inline would cost).
 
 No broker code runs: the differences between the rows are what each
 layer costs on this machine.  Diagnostic only; ``make bench`` does not run it.
@@ -50,7 +59,7 @@ from grant_broker_protocol.fdchannel import ChannelClosed, FdChannel
 from grant_broker_protocol.v1 import gntdev_pb2
 from grant_broker_protocol.v1.fdchannel_pb2 import Call, CallReply, FdFrame
 
-MODES = ("callback", "try_receive", "fdchannel", "fdchannel_dispatch")
+MODES = ("callback", "try_receive", "fdchannel", "fdchannel_dispatch", "reader_task", "reader_inline")
 _ANCILLARY = socket.CMSG_SPACE(array.array("i").itemsize)
 
 
@@ -130,6 +139,18 @@ def serve(path: str, mode: str) -> None:
             except (ChannelClosed, OSError):
                 channel.close()
 
+        def read_calls(channel: FdChannel, conn: socket.socket) -> None:
+            # The broker's way now: frames from the channel's reader callback.
+            def on_call(frame: FdFrame, fds: list[Any]) -> None:
+                for fd in fds:
+                    fd.close()
+                if mode == "reader_inline":
+                    conn.sendmsg([_reply_to(frame)], rights)
+                else:
+                    loop.create_task(answer(channel, frame.call))
+
+            channel.start_reading(on_call, lambda _reason: channel.close())
+
         def on_connect() -> None:
             try:
                 conn, _ = listener.accept()
@@ -140,6 +161,10 @@ def serve(path: str, mode: str) -> None:
                 loop.add_reader(conn, on_request, conn)
             elif mode == "try_receive":
                 loop.add_reader(conn, on_frame, FdChannel(conn), conn)
+            elif mode in ("reader_task", "reader_inline"):
+                channel = FdChannel(conn)
+                channel.max_frame_bytes = 65536
+                read_calls(channel, conn)
             else:
                 channel = FdChannel(conn)
                 channel.max_frame_bytes = 65536
@@ -234,7 +259,7 @@ class TryReceiveClient(CallbackClient):
 
 
 class FdChannelClient:
-    """Frames through FdChannel, a reader task resolving futures (the SDK's way)."""
+    """Frames through FdChannel, a reader task resolving futures (the SDK's way before the callback reader)."""
 
     def __init__(self, channel: Any) -> None:
         self._channel = channel
@@ -278,6 +303,28 @@ class FdChannelClient:
         self._channel.close()
 
 
+class ReaderClient(FdChannelClient):
+    """Frames through FdChannel read by ``start_reading``: the reader callback
+    resolves the caller's future (the SDK's way since the callback reader)."""
+
+    def __init__(self, channel: Any) -> None:
+        self._channel = channel
+        self._waiters: dict[int, asyncio.Future[Any]] = {}
+        self._ids = 0
+        channel.start_reading(self._on_frame, lambda _reason: None)
+
+    def _on_frame(self, frame: FdFrame, fds: list[Any]) -> None:
+        waiter = self._waiters.pop(frame.reply.call_id, None)
+        if waiter is None or waiter.done():
+            for fd in fds:
+                fd.close()
+            return
+        waiter.set_result((frame, fds))
+
+    async def close(self) -> None:
+        self._channel.close()
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -296,9 +343,12 @@ async def measure(workdir: Path, rounds: int, per_round: int) -> dict[str, list[
         checked = TryReceiveClient(str(workdir / "try_receive.sock"))
         plain = await FdChannelClient.connect(str(workdir / "fdchannel.sock"))
         dispatch = await FdChannelClient.connect(str(workdir / "fdchannel_dispatch.sock"))
+        reader_task = await ReaderClient.connect(str(workdir / "reader_task.sock"))
+        reader_inline = await ReaderClient.connect(str(workdir / "reader_inline.sock"))
         kinds: dict[str, Callable[[], Awaitable[int]]] = {
             "floor": floor.round_trip, "callback": callback.round_trip, "try_receive": checked.round_trip,
             "fdchannel": plain.round_trip, "fdchannel_dispatch": dispatch.round_trip,
+            "reader_task": reader_task.round_trip, "reader_inline": reader_inline.round_trip,
         }
         samples: dict[str, list[float]] = {name: [] for name in kinds}
         clock = time.perf_counter
@@ -315,6 +365,8 @@ async def measure(workdir: Path, rounds: int, per_round: int) -> dict[str, list[
         checked.close()
         await plain.close()
         await dispatch.close()
+        await reader_task.close()
+        await reader_inline.close()
         return samples
     finally:
         for server in servers:

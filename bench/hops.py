@@ -1,6 +1,6 @@
 """Where the time of a fast-path call goes: timestamps at each hop, in both processes.
 
-``python -m bench.hops [--calls N] [--only floor,map,event,batch,fanout] [--light]
+``python -m bench.hops [--calls N] [--only floor,map,event,batch,fanout,ring] [--light]
 [--broker-sndbuf BYTES] [--json PATH]``
 
 Starts a broker (emulated backend) whose fast-path code is wrapped with
@@ -8,16 +8,20 @@ timestamps, wraps the SDK in this process the same way, and runs the
 fast-path figures of :mod:`bench.run` one call at a time: the asyncio floor
 (``floor``: only its client is stamped), a one-grant map (``map_fast``),
 notify -> PortFired (``event_fast``), a 1024-ref map + unmap
-(``batched_map_fast``) and one notification to many subscribers
+(``batched_map_fast``), one notification to many subscribers
 (``event_fanout_fast``, with the asyncio floor of handing one event to as
-many tasks).  ``--light`` stamps only ``sendmsg`` (the fan-out's sends at
-the least cost); ``--broker-sndbuf`` is an experiment: the broker's fd
-channels get that ``SO_SNDBUF``.  The stamps are ``time.perf_counter_ns()`` —
-CLOCK_MONOTONIC, one clock for both processes — taken on entry (``>``) and
-exit (``<``, or ``!`` when it raised) of: the SDK's map/call/fast call, the
+many tasks) and grant copy through a copy ring (``ring``: one 4 KiB segment,
+``grant_copy_ring_4KiB``, and 1 MiB in 256 segments, ``grant_copy_ring_1MiB``).
+``--light`` stamps only ``sendmsg`` (the fan-out's sends at the least cost);
+``--broker-sndbuf`` is an experiment: the broker's fd channels get that
+``SO_SNDBUF``.  The stamps are ``time.perf_counter_ns()`` — CLOCK_MONOTONIC,
+one clock for both processes — taken on entry (``>``) and exit (``<``, or
+``!`` when it raised) of: the SDK's map/call/fast call and ring submit, the
 fd channel's send and receive, every ``socket.sendmsg``/``recvmsg``, the fd
-channel's reader callback (``wake``: the loop saw the socket readable), the
-broker's fast-path frame handling and the operation itself.
+channel's reader callback (``readable``: the loop saw the socket readable;
+``wake``: a future-based wait woke, now only the writer's and the hello's),
+each side's frame dispatch (``on_frame``), the broker's fast-path call
+handling, the operation itself, and the ring's steps in both processes.
 
 For each traced call the stamps of both processes inside its window are put
 in time order; the most common sequence is reported with the median time of
@@ -140,7 +144,9 @@ def _wrap_common() -> None:
 
     _wrap_sync(socket.socket, "sendmsg", "sendmsg")
     _wrap_sync(socket.socket, "recvmsg", "recvmsg")
-    _wrap_sync(fdchannel, "_wake", "wake")  # the reader callback: looked up by name at each add_reader
+    _wrap_sync(fdchannel, "_wake", "wake")  # a future-based wait (writer, hello): looked up at each add_reader/add_writer
+    # The reader callback, bound when start_reading registers it (after this wrapping).
+    _wrap_sync(fdchannel.FdChannel, "_on_readable", "readable")
     _wrap_async(fdchannel.FdChannel, "send", "send")
     _wrap_sync(fdchannel.FdChannel, "try_receive", "try_receive")
 
@@ -159,11 +165,16 @@ def wrap_sdk(light: bool = False) -> None:
     _wrap_async(gntdev, "receive_spans", "receive_spans")
     _wrap_sync(gntdev, "map_received", "mmap")
     _wrap_async(session.Session, "call", "call")
+    _wrap_sync(session.Session, "_on_frame", "on_frame")
     _wrap_async(fastpath.FastCalls, "call", "fast_call")
     _wrap_sync(fastpath.FastCalls, "on_reply", "on_reply")
     _wrap_sync(fastpath.FastCalls, "on_stream_frame", "on_stream_frame")
     _wrap_async(fastpath.FastStream, "read", "stream_read")
     _wrap_async(evtchn.EvtchnSubscription, "__anext__", "subscription_next")
+    # The copy ring: records written, the doorbell, the statuses read back.
+    _wrap_async(gntdev.CopyRing, "submit", "ring.submit")
+    _wrap_sync(gntdev.CopyRing, "_encode", "ring.encode")
+    _wrap_sync(gntdev, "read_statuses", "ring.read_statuses")
 
 
 def wrap_broker(light: bool = False) -> None:
@@ -175,8 +186,10 @@ def wrap_broker(light: bool = False) -> None:
     _wrap_common()
     from grant_broker.core import events
     from grant_broker.transport import fastpath
+    from grant_broker.transport import fdchannel as channel_server
 
-    _wrap_async(fastpath.FastPath, "start", "start")
+    _wrap_sync(channel_server.FdChannelServer, "_on_frame", "on_frame")
+    _wrap_sync(fastpath.FastPath, "submit", "submit")
     _wrap_async(fastpath.FastPath, "_serve", "serve")
     _wrap_async(fastpath.FastPath, "_reply", "reply")
     _wrap_sync(fastpath, "_stream_frame", "stream_frame")
@@ -189,6 +202,16 @@ def wrap_broker(light: bool = False) -> None:
     _wrap_sync(emulated_gntdev.EmulatedGntdev, "map_memory", "dev.map_memory")
     _wrap_sync(emulated_gntdev.EmulatedGntdev, "unmap_grant_ref", "dev.unmap_grant_ref")
     _wrap_sync(gntdev_operations, "map_grants", "map_grants")
+    # Inside SubmitCopyRing: the records read and checked, the policy's peer
+    # check, the device's copy (its checks, claims and contiguous runs), the
+    # statuses written.
+    from grant_broker.core.operations import copyring
+
+    _wrap_sync(copyring, "_segments", "ring.segments")
+    _wrap_sync(copyring, "check_copy_peers", "ring.check_peers")
+    _wrap_sync(copyring, "write_statuses", "ring.write_statuses")
+    _wrap_sync(emulated_gntdev.EmulatedGntdev, "grant_copy", "dev.grant_copy")
+    _wrap_sync(emulated_gntdev._CopyRun, "copy", "dev.copy_run")
     original_init = fastpath.FastPath.__init__
 
     def init(self: Any, session: Any, routes: Any, max_in_flight: int) -> None:
@@ -465,6 +488,28 @@ async def run(args: argparse.Namespace, socket_path: str) -> dict[str, Any]:
             traces["batch_unmap"] = Trace("batched_map_fast, the unmap (munmap, call) of 1024 refs", cycles)
         await sharer.close()
         await mapper.close()
+    if "ring" in only:
+        from grant_broker_client.gntdev import CopySegment, Foreign, Local
+
+        sharer, copier = await connect(7, "hops-ring-sharer"), await connect(8, "hops-ring-copier")
+        async with await sharer.gntalloc.share(8, 256) as pages, await copier.gntdev.copy_buffer(
+            256 * 4096
+        ) as buffer, await copier.gntdev.copy_ring(buffer, entries=256) as ring:
+            pages.view[:] = os.urandom(256 * 4096)
+            for name, count, calls in (("ring_4KiB", 1, args.calls), ("ring_1MiB", 256, max(30, args.calls // 10))):
+                segments = [CopySegment(Foreign(7, pages.refs[i]), Local(buffer, i * 4096), 4096) for i in range(count)]
+                windows = []
+                for i in range(calls + 20):
+                    start = clock()
+                    statuses = await ring.submit(segments)
+                    end = clock()
+                    assert not any(statuses)
+                    if i >= 20:
+                        windows.append((start, end))
+                traces[name] = Trace(f"{name}: {count} x 4 KiB through a copy ring, one doorbell", windows)
+            assert bytes(buffer.view) == bytes(pages.view)
+        await sharer.close()
+        await copier.close()
     if "fanout" in only:
         listener, notifier = await connect(12, "hops-fan-listener"), await connect(13, "hops-fan-notifier")
         offered = await listener.evtchn.bind_unbound_port(13)
@@ -512,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.hops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=1000, help="traced calls per figure (default 1000)")
     parser.add_argument("--subscribers", type=int, default=1000, help="subscribers of the fan-out (default 1000)")
-    parser.add_argument("--only", default="floor,map,event,batch,fanout")
+    parser.add_argument("--only", default="floor,map,event,batch,fanout,ring")
     parser.add_argument("--json", type=Path, default=None, help="also write the timelines as JSON here")
     parser.add_argument("--light", action="store_true",
                         help="stamp only sendmsg in both processes (the fan-out's sends, at the least cost)")

@@ -14,16 +14,26 @@ Figures (see README, "Performance"):
 2. batched map — grants mapped per second with 1024-ref batches;
 3. event latency (one subscriber) and fan-out (many subscribers of one port);
 4. grant copy bandwidth, 4 KiB .. 1 MiB, through a registered copy buffer and
-   through protobuf bytes, against memcpy in this process;
+   through protobuf bytes, against memcpy in this process; and through a copy
+   ring on a fast-path session: one 4 KiB segment (latency, against the asyncio
+   floor) and 1 MiB in 4 KiB segments (against memcpy);
 5. scale — sessions each holding mappings (broker RSS and fds per session),
-   then thousands of calls in flight at once across client processes.
+   then thousands of calls in flight at once across client processes;
+6. bystander under flood — another client's median latency while one client
+   floods (unread event subscriptions and a notify loop; large calls without
+   a token: :mod:`bench.flood`), as a ratio to its unloaded median;
+7. metrics — the map round trip on two fresh brokers alike but for
+   ``serve --metrics`` (``map_metrics_on``, ``map_fast_metrics_on``: metrics
+   on, against metrics off in the same interleaved rounds).
 
 Figures 1-4 (but grant copy) are measured twice: over gRPC (``map_round_trip``,
 ``batched_map``, ``event_latency_1``, ``event_fanout``: sessions opened with
 ``fast_path=False``) and over the fast path, calls as frames on the session's
 fd channel (``map_fast``, ``batched_map_fast``, ``event_fast``,
 ``event_fanout_fast``), whose targets are against the asyncio floor
-``seqpacket_fd_async``.  Grant copy and scale are gRPC figures.
+``seqpacket_fd_async``.  Grant copy (the GrantCopy call) and scale are gRPC
+figures; the copy ring (``grant_copy_ring_4KiB``, ``grant_copy_ring_1MiB``)
+is a fast-path one.
 
 Latency samples are taken in interleaved rounds (broker, then its baselines,
 round after round) so that a slow spell of the machine hits all of them alike;
@@ -63,6 +73,7 @@ import uvloop  # noqa: E402
 import grant_broker_client  # noqa: E402
 from bench.baselines import ECHO_METHOD, AsyncSeqpacketClient, SeqpacketClient, memcpy_seconds
 from grant_broker_client.gntdev import CopySegment, Foreign, Local
+from grant_broker_protocol.copyring import MAX_RING_ENTRIES
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -91,12 +102,13 @@ class Plan:
     mappings: int = 16
     in_flight: int = 5000
     workers: int = 4
+    flood_seconds: float = 3.0
 
 
 DEFAULT_PLAN = Plan()
 QUICK_PLAN = Plan(
     rounds=6, per_round=40, batch_reps=20, subscribers=200, fanout_reps=10, copy_reps=30,
-    sessions=100, in_flight=500, workers=2,
+    sessions=100, in_flight=500, workers=2, flood_seconds=1.0,
 )
 
 
@@ -242,16 +254,18 @@ def broker_limits(plan: Plan) -> dict[str, int]:
     }
 
 
-def start_broker(socket_path: str, log_dir: Path, plan: Plan, profile: Path | None = None) -> Child:
+def start_broker(
+    socket_path: str, log_dir: Path, plan: Plan, profile: Path | None = None, *, extra: Sequence[str] = (), name: str = "broker"
+) -> Child:
     # Under cProfile when asked: the broker exits cleanly on SIGTERM, which
     # is when cProfile writes its statistics.
     profiler = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
     limits = [arg for name, value in broker_limits(plan).items() for arg in ("--limit", f"{name}={value}")]
     argv = [
         sys.executable, *profiler, "-m", "grant_broker.cli", "--socket", socket_path, "--log-level", "warning",
-        "serve", "--backend", "emulated", "--grace", "1", *limits,
+        "serve", "--backend", "emulated", "--grace", "1", *limits, *extra,
     ]
-    broker = Child("broker", argv, log_dir, ready_line=False)
+    broker = Child(name, argv, log_dir, ready_line=False)
     deadline = time.monotonic() + 30
     while not (os.path.exists(socket_path) and os.path.exists(socket_path + ".fds")):
         if broker.process.poll() is not None:
@@ -490,6 +504,75 @@ class Bench:
             "baseline_seqpacket_fd_async", "baseline: SEQPACKET request + fd (+mmap, read), uvloop + asyncio", "µs",
             async_floor.median, async_floor, floor_time.median, "seqpacket_fd", ratio(async_floor.median, floor_time.median),
         ))
+
+    # ---------------------------------------------------------------- 1b. the map round trip, metrics off and on
+
+    async def map_metrics(self) -> None:
+        """What the metrics cost a call (issue 11): the map round trip on two
+        fresh brokers alike but for ``--metrics`` (off, and on a Unix socket),
+        over gRPC and over the fast path, in the same interleaved rounds.  The
+        broker with metrics is scraped at the end: the scrape's time is
+        reported, and the calls it counted must be the calls made."""
+        plan = self.plan
+        progress(f"map round trip, metrics off and on: {plan.rounds - 1} rounds of {plan.per_round} (+1 warm-up round) "
+                 "on two fresh brokers, over gRPC and the fast path")
+        metrics_path = self.workdir / "metrics.sock"
+        brokers = {
+            kind: start_broker(str(self.workdir / f"metrics-{kind}.sock"), self.workdir, plan,
+                               extra=["--metrics", f"unix:{metrics_path}"] if kind == "on" else [],
+                               name=f"broker-metrics-{kind}")
+            for kind in ("off", "on")
+        }
+        sessions: list[Any] = []
+        try:
+            kinds: dict[str, Callable[[], Awaitable[Any]]] = {}
+            for kind, broker in brokers.items():
+                socket_path = str(self.workdir / f"metrics-{kind}.sock")
+                sharer = await grant_broker_client.connect(socket_path, domid=1, client_name=f"bench-metrics-{kind}-sharer")
+                sessions.append(sharer)
+                pages = await sharer.gntalloc.share(2, 1)
+                pages.view[0] = 0x5A
+                for wire, fast_path in (("grpc", False), ("fast", True)):
+                    mapper = await grant_broker_client.connect(
+                        socket_path, domid=2, client_name=f"bench-metrics-{kind}-{wire}", fast_path=fast_path
+                    )
+                    sessions.append(mapper)
+                    kinds[f"{wire}_{kind}"] = _map_one(mapper, pages.refs[0])
+
+            async def unmap(kind: str, mapping: Any) -> None:
+                await mapping.aclose()
+
+            # The brokers' own CPU time per call, less noisy than latencies on a busy machine.
+            cpu_before = {kind: _cpu_ns(broker.pid) for kind, broker in brokers.items()}
+            samples = await timed_rounds(kinds, plan.rounds, plan.per_round, unmap)
+            cpu_us = {kind: (_cpu_ns(broker.pid) - cpu_before[kind]) / 1e3 for kind, broker in brokers.items()}
+            scrape_started = time.perf_counter()
+            exposition = await _scrape_unix(str(metrics_path))
+            scrape_us = (time.perf_counter() - scrape_started) * 1e6
+        finally:
+            for session in reversed(sessions):
+                await session.close()
+            for broker in brokers.values():
+                code = broker.stop()
+                if code not in (0, None):
+                    progress(f"{broker.name} exited with {code}: {broker.log_tail()}")
+        counted = _counted_maps(exposition)
+        expected = plan.rounds * plan.per_round
+        if counted != {"grpc": expected, "fast_path": expected}:
+            raise AssertionError(f"the broker with metrics counted {counted} Map calls, not {expected} per transport")
+        # Per map + unmap, both transports (each broker served 2 x expected of them).
+        cpu_per_call = {kind: cpu / (2 * expected) for kind, cpu in cpu_us.items()}
+        for wire, name, title in (("grpc", "map_metrics_on", "map round trip, metrics on (gRPC)"),
+                                  ("fast", "map_fast_metrics_on", "map round trip, metrics on (fast path)")):
+            on, off = Summary.of(us(samples[f"{wire}_on"])), Summary.of(us(samples[f"{wire}_off"]))
+            self.add(Figure(
+                name, title, "µs", on.median, on, off.median, "metrics off", ratio(on.median, off.median),
+                "≤ 1.05x metrics off", on.median <= 1.05 * off.median,
+                {"metrics_off_us": dataclasses.asdict(off), "extra_us": on.median - off.median,
+                 "broker_cpu_us_per_call_on": cpu_per_call["on"], "broker_cpu_us_per_call_off": cpu_per_call["off"],
+                 "broker_cpu_ratio": ratio(cpu_per_call["on"], cpu_per_call["off"]),
+                 "scrape_us": scrape_us, "scrape_bytes": len(exposition)},
+            ))
 
     # ---------------------------------------------------------------- 2. batched map
 
@@ -788,6 +871,130 @@ class Bench:
             {"calls_per_second": bare_calls_per_second, "depth": depth},
         ))
 
+    # ---------------------------------------------------------------- 4b. grant copy through the ring (fast path)
+
+    async def grant_copy_ring(self) -> None:
+        """Grant copy through a copy ring (``session.gntdev.copy_ring``) on a
+        fast-path session: one 4 KiB segment (latency, in interleaved rounds
+        with both floors and the same segment as a GrantCopy call on the same
+        session), then 1 MiB in 4 KiB segments (one 256-record doorbell per
+        MiB; and *pipeline_depth* of them in flight on a larger ring)."""
+        plan = self.plan
+        size, pages_count = MIB, MIB // PAGE
+        depth = max(1, min(plan.pipeline_depth, MAX_RING_ENTRIES // pages_count))
+        progress(f"grant copy ring, fast path: 4 KiB in {plan.rounds - 1} rounds of {plan.per_round} (+1 warm-up) with "
+                 f"both floors; 1 MiB in {pages_count} segments, {plan.copy_reps} doorbells (+warm-up), then {depth} in flight")
+        sharer = await self.connect(7, "bench-ring-sharer")
+        copier = await self.connect(8, "bench-ring-copier", fast_path=True)
+        try:
+            async with await sharer.gntalloc.share(8, pages_count) as pages:
+                pages.view[:] = os.urandom(size)
+                expected = bytes(pages.view)
+                async with await copier.gntdev.copy_buffer(size) as buffer:
+                    async with await copier.gntdev.copy_ring(buffer, entries=pages_count) as ring:
+                        await self._ring_4k(copier, ring, buffer, pages.refs, expected)
+                        buffer.view[:] = bytes(size)
+                        times = await self._ring_1m(ring, buffer, pages.refs, expected)
+                    async with await copier.gntdev.copy_ring(buffer, entries=depth * pages_count) as ring:
+                        in_flight = await self._ring_in_flight(ring, buffer, pages.refs, depth)
+        finally:
+            await sharer.close()
+            await copier.close()
+        memcpy_rate = self.baselines.get(f"memcpy_{_size(size)}_GBps")
+        if memcpy_rate is None:  # the plan's copy sizes left out 1 MiB (or --only ring)
+            memcpy_rate = size / Summary.of(memcpy_seconds(size, max(200, plan.copy_reps))).median / 1e9
+            self.baselines[f"memcpy_{_size(size)}_GBps"] = memcpy_rate
+        rate = size / (times.median / 1e6) / 1e9
+        in_flight_rate = in_flight["GBps"]
+        # One doorbell round trip per MiB at the floors' price, the copy free: what the transport allows.
+        async_ceiling = size / (self.async_floor_median_us / 1e6) / 1e9
+        blocking_ceiling = size / (self.floor_median_us / 1e6) / 1e9
+        grpc_call = self._figure(f"grant_copy_buffer_{_size(size)}")
+        grpc_rate = grpc_call.value if grpc_call is not None else None
+        self.add(Figure(
+            "grant_copy_ring_1MiB", f"grant copy ring, fast path, 1 MiB in {pages_count} x 4 KiB (one doorbell)", "GB/s",
+            rate, times, memcpy_rate, "memcpy", ratio(rate, memcpy_rate), "≥ 50% of memcpy", rate >= 0.5 * memcpy_rate,
+            {"vs_seqpacket_fd": ratio(rate, blocking_ceiling), "seqpacket_fd_ceiling_GBps": blocking_ceiling,
+             "seqpacket_fd_async_ceiling_GBps": async_ceiling, "seqpacket_fd_us": self.floor_median_us,
+             "seqpacket_fd_async_us": self.async_floor_median_us,
+             "in_flight": {**in_flight, "vs_memcpy": ratio(in_flight_rate, memcpy_rate)},
+             # The same MiB as one GrantCopy call over gRPC (grant_copy_buffer_1MiB), when measured.
+             "grant_copy_call_grpc_GBps": grpc_rate, "vs_grant_copy_call_grpc": ratio(rate, grpc_rate)},
+        ))
+
+    def _figure(self, name: str) -> Figure | None:
+        return next((f for f in self.figures if f.name == name), None)
+
+    async def _ring_4k(self, copier: Any, ring: Any, buffer: Any, refs: Sequence[int], expected: bytes) -> None:
+        plan = self.plan
+        segment = [CopySegment(Foreign(7, refs[0]), Local(buffer, 0), PAGE)]
+
+        async def via_ring() -> None:
+            statuses = await ring.submit(segment)
+            if statuses[0] != 0:
+                raise AssertionError(f"grant copy ring failed: status {statuses[0]}")
+
+        async def via_call() -> None:  # the same segment as a GrantCopy call, on the same fast-path session
+            results = await copier.gntdev.grant_copy(segment)
+            if not results[0].ok:
+                raise AssertionError(f"grant copy failed: {results[0].status_name}")
+
+        samples = await timed_rounds(
+            {"ring": via_ring, "seqpacket_async": self.floor_async, "seqpacket": self.floor, "call": via_call},
+            plan.rounds, plan.per_round,
+        )
+        if bytes(buffer.view[:PAGE]) != expected[:PAGE]:
+            raise AssertionError("the copy buffer does not hold the granted page")
+        fast = Summary.of(us(samples["ring"]))
+        async_floor = Summary.of(us(samples["seqpacket_async"]))
+        floor_time = Summary.of(us(samples["seqpacket"]))
+        call = Summary.of(us(samples["call"]))
+        grpc_call = self._figure("grant_copy_buffer_4KiB")
+        self.add(Figure(
+            "grant_copy_ring_4KiB", "grant copy ring, fast path, one 4 KiB segment", "µs", fast.median, fast,
+            async_floor.median, "seqpacket_fd_async", ratio(fast.median, async_floor.median), "≤ 1.5x seqpacket_fd_async",
+            fast.median <= 1.5 * async_floor.median,
+            # Both floors in this figure's own rounds, as event_fast; and the
+            # same copy as a GrantCopy call on the same session.
+            {"vs_seqpacket_fd": ratio(fast.median, floor_time.median), "seqpacket_fd_us": floor_time.median,
+             "seqpacket_fd_async_us": async_floor.median, "seqpacket_fd_async_p99_us": async_floor.p99,
+             "grant_copy_call_fast_us": dataclasses.asdict(call), "vs_grant_copy_call_fast": ratio(fast.median, call.median),
+             "grant_copy_call_grpc_us": grpc_call.time.median if grpc_call is not None and grpc_call.time else None},
+        ))
+
+    async def _ring_1m(self, ring: Any, buffer: Any, refs: Sequence[int], expected: bytes) -> Summary:
+        """µs per 1 MiB doorbell, one at a time."""
+        plan = self.plan
+        segments = [CopySegment(Foreign(7, refs[i]), Local(buffer, i * PAGE), PAGE) for i in range(len(refs))]
+
+        async def one_mib() -> None:
+            statuses = await ring.submit(segments)
+            if any(statuses):
+                raise AssertionError(f"grant copy ring failed: statuses {sorted(set(statuses))}")
+
+        rounds = 5
+        per_round = max(1, plan.copy_reps // (rounds - 1))
+        samples = await timed_rounds({"ring": one_mib}, rounds, per_round)
+        if bytes(buffer.view) != expected:
+            raise AssertionError("the copy buffer does not hold the granted bytes")
+        return Summary.of(us(samples["ring"]))
+
+    async def _ring_in_flight(self, ring: Any, buffer: Any, refs: Sequence[int], depth: int) -> dict[str, Any]:
+        """GB/s with *depth* 1 MiB doorbells in flight on one ring (disjoint slots)."""
+        plan = self.plan
+        size = len(refs) * PAGE
+        segments = [CopySegment(Foreign(7, refs[i]), Local(buffer, i * PAGE), PAGE) for i in range(len(refs))]
+        calls = max(depth * 4, plan.copy_reps)
+        await asyncio.gather(*(ring.submit(segments) for _ in range(depth)))  # warm-up
+        start = time.perf_counter()
+        for _ in range(calls // depth):
+            done = await asyncio.gather(*(ring.submit(segments) for _ in range(depth)))
+            if any(any(statuses) for statuses in done):
+                raise AssertionError("grant copy ring failed")
+        elapsed = time.perf_counter() - start
+        copied = (calls // depth) * depth
+        return {"depth": depth, "doorbells": copied, "seconds": elapsed, "GBps": copied * size / elapsed / 1e9}
+
     # ---------------------------------------------------------------- 5. scale
 
     async def scale(self) -> None:
@@ -879,20 +1086,91 @@ class Bench:
              "errors": errors},
         ))
 
+    # ---------------------------------------------------------------- 6. bystander under flood
+
+    async def bystander_under_flood(self) -> None:
+        """A bystander's median latency under each flood of :mod:`bench.flood`,
+        against its unloaded median in the same run; the figure is the worst
+        ratio (issue 14: target ≤ 2x for every flood)."""
+        from bench.flood import bystander_under_flood
+
+        plan = self.plan
+        results = await bystander_under_flood(self.socket, plan.flood_seconds, max(50, plan.per_round), progress)
+        unloaded = results.pop("unloaded_median_us")
+        worst_kind = max(results, key=lambda kind: results[kind]["ratio"])
+        worst = results[worst_kind]
+        self.add(Figure(
+            "bystander_under_flood", f"bystander's median under a flood (worst: {worst_kind})", "µs", worst["median_us"],
+            None, unloaded, "its unloaded median", worst["ratio"], "≤ 2x for every flood", worst["ratio"] <= 2,
+            {"floods": results},
+        ))
+
     # ---------------------------------------------------------------- all
 
     async def run(self, only: set[str] | None = None) -> None:
         await self.map_round_trip()  # also measures the baselines the others use, and map_fast
         for name, figures in (
+            ("metrics", (self.map_metrics,)),
             ("batch", (self.batched_map, self.batched_map_fast)),
             ("events", (self.event_latency, self.event_fast)),
             ("fanout", (self.event_fanout, self.event_fanout_fast)),
             ("copy", (self.grant_copy,)),
+            ("ring", (self.grant_copy_ring,)),
             ("scale", (self.scale,)),
+            ("flood", (self.bystander_under_flood,)),
         ):
             if only is None or name in only:
                 for figure in figures:
                     await figure()
+
+
+def _map_one(session: Any, ref: int) -> Callable[[], Awaitable[Any]]:
+    """Map one grant of domain 1 on *session*, check its first byte (0x5A): the map round trip."""
+
+    async def map_one() -> Any:
+        mapping = await session.gntdev.map([(1, ref)], writable=False)
+        if mapping.view[0] != 0x5A:
+            raise AssertionError("the mapped page does not hold the granter's byte")
+        return mapping
+
+    return map_one
+
+
+def _cpu_ns(pid: int) -> int:
+    """The CPU time (ns) the threads of process *pid* have used so far (their schedstat)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/schedstat") as stats:
+            total += int(stats.read().split()[0])
+    return total
+
+
+async def _scrape_unix(path: str) -> str:
+    """``GET /metrics`` from a broker's metrics endpoint on a Unix socket."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    try:
+        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.0 200"):
+        raise RuntimeError(f"scraping {path}: {head[:200]!r}")
+    return body.decode()
+
+
+def _counted_maps(exposition: str) -> dict[str, int]:
+    """The successful Gntdev.Map calls an exposition counts, by transport."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counted: dict[str, int] = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            labels = sample.labels
+            if (sample.name == "grant_broker_calls_total" and labels.get("service") == "Gntdev"
+                    and labels.get("method") == "Map" and labels.get("status") == "OK"):
+                counted[labels["transport"]] = counted.get(labels["transport"], 0) + int(sample.value)
+    return counted
 
 
 def _size(size: int) -> str:
@@ -996,8 +1274,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-broker", type=Path, default=None, metavar="PATH",
                         help="run the broker under cProfile and write its statistics to PATH (read with python -m pstats)")
     parser.add_argument("--only", default=None, metavar="FIGURES",
-                        help="comma-separated subset of: map,batch,events,fanout,copy,scale, each over gRPC and (but "
-                             "copy and scale) the fast path (the map round trip, which measures the baselines, always runs)")
+                        help="comma-separated subset of: map,metrics,batch,events,fanout,copy,ring,scale,flood, each over gRPC and (but "
+                             "copy and scale) the fast path; ring: grant copy through a copy ring, fast path only; metrics: the map "
+                             "round trip on two fresh brokers, metrics off and on (the map round trip, which measures the "
+                             "baselines, always runs)")
     tune = parser.add_argument_group("overrides (for the smoke test and experiments)")
     for name in ("rounds", "per_round", "batch_reps", "subscribers", "fanout_reps", "copy_reps", "sessions", "mappings",
                  "in_flight", "workers", "pipeline_depth"):
@@ -1030,8 +1310,9 @@ async def amain(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="gb-bench-"))
     bench = Bench(plan, workdir, args.profile_broker.resolve() if args.profile_broker else None)
     only = set(args.only.split(",")) if args.only else None
-    if only is not None and only - {"map", "batch", "events", "fanout", "copy", "scale"}:
-        raise SystemExit(f"--only: unknown figures {', '.join(sorted(only - {'map', 'batch', 'events', 'fanout', 'copy', 'scale'}))}")
+    known = {"map", "metrics", "batch", "events", "fanout", "copy", "ring", "scale", "flood"}
+    if only is not None and only - known:
+        raise SystemExit(f"--only: unknown figures {', '.join(sorted(only - known))}")
     try:
         await bench.start()
         await bench.run(only)

@@ -21,6 +21,11 @@ SIZES = ("4KiB", "16KiB", "64KiB", "256KiB", "1MiB")
 # The fast path's figures (sessions whose calls are frames on the fd channel),
 # judged against the asyncio floor.
 FAST = {"map_fast", "batched_map_fast", "event_fast", "event_fanout_fast"}
+# Grant copy through a copy ring on a fast-path session: a latency against the
+# asyncio floor, and a throughput against memcpy.
+RING = {"grant_copy_ring_4KiB": "seqpacket_fd_async", "grant_copy_ring_1MiB": "memcpy"}
+# The map round trip with the broker's metrics on, against a broker with them off (issue 11).
+METRICS = {"map_metrics_on", "map_fast_metrics_on"}
 FIGURES = {
     "map_round_trip",
     "baseline_grpc_unary",
@@ -32,18 +37,22 @@ FIGURES = {
     *FAST,
     *(f"grant_copy_{path}_{size}" for path in ("buffer", "bytes") for size in SIZES),
     "grant_copy_buffer_1MiB_pipelined",
+    *RING,
+    *METRICS,
     "baseline_grpc_copy_ceiling",
     "scale_rss_per_session",
     "scale_fds_per_session",
     "scale_in_flight_failures",
+    "bystander_under_flood",
 }
 # Figures compared with a baseline measured in the same run.
 COMPARED = {"map_round_trip", "batched_map", "event_latency_1", "event_fanout", "grant_copy_buffer_1MiB_pipelined",
-            "baseline_grpc_copy_ceiling", "baseline_seqpacket_fd_async", *FAST,
+            "bystander_under_flood",
+            "baseline_grpc_copy_ceiling", "baseline_seqpacket_fd_async", *FAST, *RING, *METRICS,
             *(f"grant_copy_{path}_{size}" for path in ("buffer", "bytes") for size in SIZES)}
 # Figures with a target the run says it meets or not.
 JUDGED = {"map_round_trip", "batched_map", "event_latency_1", "grant_copy_buffer_1MiB", "grant_copy_buffer_1MiB_pipelined",
-          "scale_rss_per_session", "scale_in_flight_failures", *FAST}
+          "scale_rss_per_session", "scale_in_flight_failures", "bystander_under_flood", *FAST, *RING, *METRICS}
 
 TINY = [
     "--quick", "--rounds", "2", "--per-round", "5", "--batch-reps", "2", "--subscribers", "5", "--fanout-reps", "2",
@@ -95,6 +104,19 @@ def test_bench_reports_every_figure_with_its_baseline(tmp_path: Path) -> None:
         assert figure["baseline_name"] == "seqpacket_fd_async" or name == "batched_map_fast", name
         assert _number(figure["extra"]["vs_seqpacket_fd"]), name
         assert figure["time"] is not None, name  # latencies (the batch: its map + unmap cycle)
+    for name, baseline in RING.items():
+        figure = figures[name]
+        assert figure["baseline_name"] == baseline, name
+        assert _number(figure["extra"]["vs_seqpacket_fd"]), name
+        assert figure["time"] is not None, name  # per doorbell
+    assert _number(figures["grant_copy_ring_1MiB"]["extra"]["in_flight"]["GBps"])
+    for name in METRICS:
+        figure = figures[name]
+        assert figure["baseline_name"] == "metrics off", name
+        assert _number(figure["extra"]["scrape_us"]) and figure["extra"]["scrape_bytes"] > 0, name
     scale = figures["scale_rss_per_session"]["extra"]
     assert scale["sessions"] == 20 and scale["setup_failed"] == 0
     assert figures["scale_in_flight_failures"]["extra"]["calls"] == 100
+    floods = figures["bystander_under_flood"]["extra"]["floods"]
+    assert set(floods) == {"events", "unauthenticated"}
+    assert all(_number(flood["ratio"]) and flood["calls"] > 0 for flood in floods.values()), floods

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import asyncio
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -134,3 +135,67 @@ async def test_peer_credentials_are_the_connecting_process(pair: tuple[FdChannel
     channel, _ = pair
     creds = channel.peer_credentials()
     assert (creds.pid, creds.uid, creds.gid) == (os.getpid(), os.getuid(), os.getgid())
+
+
+# --------------------------------------------------------------------------- reading by callback
+
+
+async def test_reading_by_callback_sees_every_frame_then_the_end(pair: tuple[FdChannel, socket.socket]) -> None:
+    channel, peer = pair
+    frames: list[FdFrame] = []
+    ended: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+    channel.start_reading(lambda frame, fds: frames.append(frame), ended.set_result, batch=4)
+    hello = FdFrame(client_hello=ClientHello(protocol_version=1)).SerializeToString()
+    for _ in range(10):
+        peer.send(hello)
+    peer.close()
+    assert isinstance(await asyncio.wait_for(ended, 5), ChannelClosed)
+    assert len(frames) == 10
+
+
+def test_a_peer_gone_with_our_frames_unread_is_still_read_to_its_end() -> None:
+    # The peer's death with frames of ours unread is a socket error (POLLERR),
+    # on which libuv stops polling the socket without telling uvloop: what the
+    # peer sent before, and its end, must still be read.  On uvloop, as the
+    # broker and the SDK run.
+    import uvloop
+
+    async def scenario() -> tuple[BaseException, int]:
+        ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        channel = FdChannel(ours)
+        frames: list[FdFrame] = []
+        ended: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+        try:
+            channel.start_reading(lambda frame, fds: frames.append(frame), ended.set_result, batch=4)
+            await channel.send(FdFrame(client_hello=ClientHello(protocol_version=1)))  # never read by the peer
+            hello = FdFrame(client_hello=ClientHello(protocol_version=1)).SerializeToString()
+            for _ in range(40):
+                peer.send(hello)
+            peer.close()
+            return await asyncio.wait_for(ended, 5), len(frames)
+        finally:
+            channel.close()
+            peer.close()
+
+    reason, count = uvloop.run(scenario())
+    assert isinstance(reason, ChannelClosed) and count == 40
+
+
+async def test_paused_reading_takes_no_frames_until_resumed(pair: tuple[FdChannel, socket.socket]) -> None:
+    channel, peer = pair
+    frames: list[FdFrame] = []
+
+    def on_frame(frame: FdFrame, fds: list[object]) -> None:
+        frames.append(frame)
+        if len(frames) == 2:
+            channel.pause_reading()
+
+    channel.start_reading(on_frame, lambda reason: None)
+    hello = FdFrame(client_hello=ClientHello(protocol_version=1)).SerializeToString()
+    for _ in range(5):
+        peer.send(hello)
+    await asyncio.sleep(0.05)
+    assert len(frames) == 2
+    channel.resume_reading()
+    await asyncio.sleep(0.05)
+    assert len(frames) == 5

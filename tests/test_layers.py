@@ -117,6 +117,16 @@ def test_the_core_and_below_never_import_grpc(name: str) -> None:
     assert not grpc_imports, f"{name} imports {grpc_imports}: operations must stay free of any transport"
 
 
+@pytest.mark.parametrize(
+    "name",
+    sorted(n for n in MODULES if not any(_within(n, p) for p in ("grant_broker.daemon", "grant_broker.cli"))),
+)
+def test_only_the_daemon_imports_the_metrics_library(name: str) -> None:
+    # The core reports calls through core/observe.py; the daemon keeps and serves the metrics.
+    found = sorted(imported for imported in _imports(name, MODULES[name]) if _within(imported, "prometheus_client"))
+    assert not found, f"{name} imports {found}: metrics belong to the daemon (grant_broker.daemon.metrics)"
+
+
 def test_the_rule_catches_an_upward_import(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from grant_broker.daemon.server import BrokerServer\n")

@@ -180,7 +180,7 @@ def test_sdk_wheel_stands_alone(dists: dict[str, Dist]) -> None:
     assert all(str(dist.venv) in line for line in imported.stdout.splitlines()), imported.stdout
     daemon = dist.run("python", "-c", "import grant_broker")
     assert daemon.returncode != 0 and "ModuleNotFoundError" in daemon.stderr, daemon.stderr
-    for absent in ("uvloop", "grpc_health", "grpc_reflection"):
+    for absent in ("uvloop", "grpc_health", "grpc_reflection", "prometheus_client"):
         assert dist.run("python", "-c", f"import {absent}").returncode != 0, f"{absent} was installed with the SDK"
     assert not (dist.venv / "bin" / "grant-broker").exists()
 

@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import errno
 import json
-import logging
 import string
 import sys
 from collections.abc import Callable, Coroutine
@@ -43,6 +42,17 @@ gives that errno.  Exit status: 0 done, 1 refused or failed, 2 bad command line.
 """
 
 _SOCKET_HELP = "the broker's gRPC Unix socket, before or after the command (default: see grant-broker --help)"
+_LOG_FORMAT_HELP = (
+    "the log on stderr, before or after the command: text (default; under journald without a timestamp of its own) "
+    "or json (one object a line: timestamp, level, logger, message and the session's session_id, uid, pid, "
+    "client_name, domain)"
+)
+_AUDIT_HELP = (
+    "where the audit records go (one JSON object a line: sessions opened and closed, refusals by the policy and "
+    "the budgets, grants mapped/shared and released, ports bound and unbound): stderr (default, with the log), "
+    "syslog (/dev/log, facility authpriv, tag grant-broker-audit), FILE (appended to; ./off for a file named off) "
+    "or off"
+)
 _JSON_HELP = (
     "machine-readable output: JSON objects on stdout, one per line; an error is one JSON object on stderr "
     "(see grant-broker --help)"
@@ -65,6 +75,17 @@ def _octal_mode(text: str) -> int:
     if not 0 <= mode <= 0o7777:
         raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 0660")
     return mode
+
+
+def _metrics_address(text: str) -> str:
+    """``serve --metrics``: ``HOST:PORT``, ``[IPV6]:PORT``, ``:PORT`` or ``unix:PATH``."""
+    from grant_broker.daemon.metrics import MetricsAddress
+
+    try:
+        MetricsAddress.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _limit_setting(text: str) -> tuple[str, int | float]:
@@ -127,11 +148,13 @@ def build_parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"grant-broker {__version__}")
     parser.add_argument("--socket", default=None, help=_SOCKET_HELP)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"], help=_LOG_FORMAT_HELP)
     # What every command takes.  --socket after the command overrides the one
     # before it, and is absent from the namespace when not given there.
     common = _Parser(add_help=False)
     common.add_argument("--socket", default=argparse.SUPPRESS, help=_SOCKET_HELP)
     common.add_argument("--json", action="store_true", help=_JSON_HELP)
+    common.add_argument("--log-format", default=argparse.SUPPRESS, choices=["text", "json"], help=_LOG_FORMAT_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
@@ -146,13 +169,14 @@ def build_parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
     serve.add_argument("--allow-gid", type=int, action="append", default=[], help="... or these gids (repeatable)")
     grant_help = "(repeatable; [uid:|gid:]N:IDS, IDS like 3,4,10-19; root and the broker's own uid: any)"
     serve.add_argument("--allow-domain", type=_domain_grant, action="append", default=[], metavar="UID:DOMIDS",
-                       help="the domains a uid (gid:GID: its members) may act as where sessions choose their domain "
-                            "(emulated backend), reserved for it; a uid granted none may act as a domain no grant names "
-                            f"and no other uid acted as before (the first to act as one owns it) {grant_help}")
+                       help="the only domains a uid (gid:GID: its members) may act as where sessions choose their "
+                            f"domain (emulated backend), reserved for it {grant_help}")
     serve.add_argument("--allow-vmid", type=_domain_grant, action="append", default=[], metavar="UID:VMIDS",
                        help=f"the same for mem-buf VMIDs {grant_help}")
-    serve.add_argument("--granted-domains-only", action="store_true",
-                       help="a uid granted no domain (VMID) by --allow-domain (--allow-vmid) may act as none")
+    serve.add_argument("--act-as", choices=["owned", "granted", "any"], default="owned",
+                       help="what a uid granted no domain (VMID) may act as: owned (default) = one no grant names and no "
+                            "other uid acted as before (the first uid to act as one owns it); granted = none; "
+                            "any = any no grant names")
     serve.add_argument("--allow-remote", type=_domain_grant, action="append", default=[], metavar="UID:DOMIDS",
                        help="the only remote domains a uid may map grants of, grant to and bind event channels to "
                             f"(besides its own; a uid never named: any) {grant_help}")
@@ -164,6 +188,10 @@ def build_parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
     serve.add_argument("--limit", type=_limit_setting, action="append", default=[], metavar="NAME=VALUE",
                        help="set any quota or per-session/per-uid budget, e.g. max_pool_pages_per_uid=1024 "
                             "(repeatable; the names and defaults: README, Security model)")
+    serve.add_argument("--audit", default="stderr", metavar="off|stderr|syslog|FILE", help=_AUDIT_HELP)
+    serve.add_argument("--metrics", type=_metrics_address, default=None, metavar="ADDRESS",
+                       help="serve Prometheus/OpenMetrics metrics at http://ADDRESS/metrics: HOST:PORT, [IPV6]:PORT, "
+                            ":PORT (every interface) or unix:PATH (default: off; the metrics: README, Metrics)")
     serve.add_argument("--status-view", choices=["own", "all"], default="own",
                        help="what Status shows: own (default) = administrators (root) see every session, "
                             "others only their own uid's; all = every session to anyone who can connect")
@@ -283,21 +311,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
             act_as_vmids=tuple(args.allow_vmid),
             remote_domains=tuple(args.allow_remote),
             remote_vmids=tuple(args.allow_remote_vmid),
-            granted_only=args.granted_domains_only,
+            act_as=args.act_as,
         ),
         limits=limits,
         status_view=args.status_view,
+        metrics=args.metrics,
     )
 
     def ready(server: Any) -> None:
         caps = server.capabilities
+        metrics = str(server.metrics.endpoint.address) if server.metrics is not None else None
         features = [name for name in ("gntdev", "gntalloc", "evtchn", "grant_copy", "dmabuf", "set_max_grants") if getattr(caps, name)]
         if args.json:
             _print_json({
                 "event": "listening", "version": __version__, "socket": config.socket_path,
                 "fd_channel": fd_channel_path(config.socket_path), "backend": caps.backend, "capabilities": features,
                 "membuf_abi": caps.membuf_abi.value if caps.membuf_abi else None, "any_domain": caps.any_domain,
-                "notes": list(caps.notes),
+                "notes": list(caps.notes), "metrics": metrics,
             })
             return
         print(f"grant-broker {__version__} listening on {config.socket_path} (fd channel {fd_channel_path(config.socket_path)})",
@@ -307,8 +337,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"{'; sessions may choose their domain' if caps.any_domain else ''}", flush=True)
         for note in caps.notes:
             print(f"note: {note}", flush=True)
+        if metrics is not None:
+            print(f"metrics: {metrics} (GET /metrics)", flush=True)
 
-    uvloop.run(serve(config, ready))
+    from grant_broker.daemon.logs import configure_audit
+
+    close_audit = configure_audit(args.audit)
+    try:
+        uvloop.run(serve(config, ready))
+    finally:
+        close_audit()
     return EXIT_OK
 
 
@@ -462,7 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(json_errors="--json" in argv)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from grant_broker.daemon.logs import configure_logging
+
+    configure_logging(args.log_level, args.log_format)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

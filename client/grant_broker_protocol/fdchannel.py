@@ -19,6 +19,7 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf.message import DecodeError
 
@@ -129,7 +130,9 @@ class FdChannel:
         self._batch = 16
         self._reading_paused = False
         self._reset_seen = False
-        self._reading_loop: asyncio.AbstractEventLoop | None = None
+        self._watched: dict[str, asyncio.AbstractEventLoop] = {}
+        self._dispatching = False
+        self._sync_scheduled = False
         self._next_transfer = 1
         self._transfer_lock = asyncio.Lock()
         self._writable_lock = asyncio.Lock()
@@ -196,12 +199,31 @@ class FdChannel:
                     await self._writable()
 
     async def _writable(self) -> None:
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        loop.add_writer(self._sock, _wake, waiter)
+        waiter = asyncio.get_running_loop().create_future()
+        self._watch("writer", _wake, waiter)
         try:
             await waiter
         finally:
+            self._unwatch("writer")
+
+    def _watch(self, kind: str, callback: Callable[..., None], *args: Any) -> None:
+        loop = asyncio.get_running_loop()
+        if kind == "reader":
+            loop.add_reader(self._sock, callback, *args)
+        else:
+            loop.add_writer(self._sock, callback, *args)
+        self._watched[kind] = loop
+
+    def _unwatch(self, kind: str) -> None:
+        # Every registration is undone before the socket closes (see close()):
+        # the loop keys them by descriptor number, and one left behind would
+        # belong to whatever socket is given that number next.
+        loop = self._watched.pop(kind, None)
+        if loop is None or loop.is_closed() or self.closed:
+            return
+        if kind == "reader":
+            loop.remove_reader(self._sock)
+        else:
             loop.remove_writer(self._sock)
 
     async def send_transfer(self, fds: Sequence[int]) -> int:
@@ -291,11 +313,11 @@ class FdChannel:
                 if received is not None:
                     return received
                 waiter = loop.create_future()
-                loop.add_reader(self._sock, _wake, waiter)
+                self._watch("reader", _wake, waiter)
                 try:
                     await waiter
                 finally:
-                    loop.remove_reader(self._sock)
+                    self._unwatch("reader")
         finally:
             self._receiving = False
 
@@ -351,34 +373,59 @@ class FdChannel:
         self._on_frame, self._on_end, self._on_dropped, self._batch = on_frame, on_end, on_dropped, batch
         self._reading_paused = False
         self._reset_seen = False
-        self._reading_loop = asyncio.get_running_loop()
-        self._reading_loop.add_reader(self._sock, self._on_readable)
+        self._watch("reader", self._on_readable)
 
     def pause_reading(self) -> None:
         """Stop taking frames (they wait in the socket) until :meth:`resume_reading`."""
         if self._on_frame is not None and not self._reading_paused:
             self._reading_paused = True
-            self._remove_reader()
+            self._sync_reader()
 
     def resume_reading(self) -> None:
         if self._on_frame is not None and self._reading_paused and not self.closed:
             self._reading_paused = False
-            assert self._reading_loop is not None
-            self._reading_loop.add_reader(self._sock, self._on_readable)
+            self._sync_reader()
+
+    def _sync_reader(self) -> None:
+        """Register the reader callback exactly while frames are wanted.  Never
+        from inside the callback itself: the loop would drop the registration
+        it is dispatching and re-create it for the same descriptor, which
+        uvloop can leave deaf to a later hang-up; the change is made on the
+        loop's next turn instead."""
+        if self._dispatching:
+            if not self._sync_scheduled:
+                self._sync_scheduled = True
+                asyncio.get_running_loop().call_soon(self._sync_reader_now)
+            return
+        self._sync_reader_now()
+
+    def _rearm_reader(self) -> None:
+        if "reader" in self._watched:
+            self._unwatch("reader")
+        self._sync_reader_now()
+
+    def _sync_reader_now(self) -> None:
+        self._sync_scheduled = False
+        wanted = self._on_frame is not None and not self._reading_paused and not self.closed
+        if wanted and "reader" not in self._watched:
+            self._watch("reader", self._on_readable)
+        elif not wanted and "reader" in self._watched:
+            self._unwatch("reader")
 
     def stop_reading(self) -> None:
         """Stop for good; *on_end* is not called."""
         if self._on_frame is not None:
             self._on_frame = None
-            if not self._reading_paused:
-                self._remove_reader()
-
-    def _remove_reader(self) -> None:
-        loop = self._reading_loop
-        if loop is not None and not loop.is_closed() and not self.closed:
-            loop.remove_reader(self._sock)
+            self._sync_reader()
 
     def _on_readable(self) -> None:
+        self._dispatching = True
+        try:
+            self._dispatch_frames()
+        finally:
+            self._dispatching = False
+
+    def _dispatch_frames(self) -> None:
         on_frame = self._on_frame
         for _ in range(self._batch):
             if on_frame is not self._on_frame or self._reading_paused:
@@ -394,6 +441,10 @@ class FdChannel:
                     self._reading_ended(ChannelClosed("the peer reset the fd channel"))
                     return
                 self._reset_seen = True
+                # The socket's error (POLLERR) made libuv stop polling it
+                # without telling the loop: register the reader afresh, or
+                # what is left in the socket — and its end — is never read.
+                asyncio.get_running_loop().call_soon(self._rearm_reader)
                 continue
             except DescriptorsDropped as exc:
                 if self._on_dropped is None:
@@ -420,8 +471,9 @@ class FdChannel:
             on_end(reason)
 
     def close(self) -> None:
-        if self._on_frame is not None:
-            self.stop_reading()
+        self._on_frame = None
+        self._unwatch("reader")
+        self._unwatch("writer")
         self._sock.close()
 
 

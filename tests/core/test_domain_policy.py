@@ -5,10 +5,11 @@ and mem-buf VMID — and so map another user's grants, bind the port another
 user offered, or import another user's memparcel, by naming its domain.  Now
 (core/policy.py, checked through core/checks.py ``check_peers``):
 
-* a domain or VMID belongs to the first uid that acts as it (administrators
-  and the broker's own uid excepted), unless ``--allow-domain``/``--allow-vmid``
-  grant it — then it is reserved for its grantees, and a uid granted some
-  may act only as those (``--granted-domains-only``: as none without a grant);
+* with ``act_as="owned"`` (``grant-broker serve``'s default), a domain or VMID
+  belongs to the first uid that acts as it (administrators and the broker's
+  own uid excepted); ``--allow-domain``/``--allow-vmid`` grants reserve
+  domains for their grantees, and a uid granted some may act only as those
+  (``--act-as granted``: a uid without a grant acts as none);
 * ``--allow-remote``/``--allow-remote-vmid`` narrow the domains and VMIDs a
   uid's calls may name (map grants of, grant to, copy with, bind to, share
   with) — on every call, on every backend (on a real Xen host every session
@@ -101,7 +102,9 @@ def test_grants_are_written_uid_or_gid_then_ids(text: str, expected: DomainGrant
     assert DomainGrant.parse(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "1000", "1000:", "x:3", "1000:a", "1000:5-3", "-1:3", "group:100:3", "1000:-2"])
+@pytest.mark.parametrize(
+    "text", ["", "1000", "1000:", "x:3", "1000:a", "1000:5-3", "1000:3,5-3", "-1:3", "group:100:3", "1000:-2", "1000:0-4294967295"]
+)
 def test_a_malformed_grant_is_refused_saying_what_is_expected(text: str) -> None:
     with pytest.raises(ValueError, match=r"expected \[uid:\|gid:\]N:ID"):
         DomainGrant.parse(text)
@@ -111,7 +114,7 @@ def test_a_malformed_grant_is_refused_saying_what_is_expected(text: str) -> None
 
 
 def test_a_domain_belongs_to_the_first_user_that_acts_as_it(core: Core) -> None:
-    registry = core.new_registry(Policy())
+    registry = core.new_registry(Policy(act_as="owned"))
     open_as(core, registry, USER, 5)
     open_as(core, registry, USER, 5)  # its own again: fine
     # Before: another user acting as domain 5 could map what was granted to it,
@@ -124,8 +127,19 @@ def test_a_domain_belongs_to_the_first_user_that_acts_as_it(core: Core) -> None:
     denied(lambda: open_as(core, registry, USER, 7), "domain 7 belongs to another user")
 
 
+def test_without_act_as_owned_anyone_acts_as_any_domain_no_grant_names(core: Core) -> None:
+    # The default of the Policy class (embedding, tests); `grant-broker serve` defaults to "owned".
+    assert Policy().act_as == "any"
+    registry = core.new_registry(Policy(act_as_domains=(grant("1000:3"),)))
+    open_as(core, registry, USER, 3)
+    assert open_as(core, registry, OTHER, 5).domid == open_as(core, registry, USER + 2, 5).domid == 5
+    denied(lambda: open_as(core, registry, OTHER, 3), "domain 3 is reserved")
+    with pytest.raises(ValueError, match="act_as 'some' is not one of owned, granted, any"):
+        Policy(act_as="some")  # type: ignore[arg-type]
+
+
 def test_a_domain_stays_its_users_after_its_sessions_ended(core: Core) -> None:
-    registry = core.new_registry(Policy())
+    registry = core.new_registry(Policy(act_as="owned"))
     session = open_as(core, registry, USER, 5)
     registry.close_session(session)
     # Grants offered to domain 5 outlive the session: nobody else may pick them up.
@@ -133,7 +147,7 @@ def test_a_domain_stays_its_users_after_its_sessions_ended(core: Core) -> None:
 
 
 def test_granted_domains_are_the_only_ones_and_reserved(core: Core) -> None:
-    registry = core.new_registry(Policy(act_as_domains=(grant("1000:3,4"), grant("gid:200:8"))))
+    registry = core.new_registry(Policy(act_as_domains=(grant("1000:3,4"), grant("gid:200:8")), act_as="owned"))
     assert open_as(core, registry, USER).domid == 3  # a hello naming none: the smallest granted
     assert open_as(core, registry, USER, 4).domid == 4
     denied(lambda: open_as(core, registry, USER, 5), "may not act as domain 5", "3-4")
@@ -146,7 +160,7 @@ def test_granted_domains_are_the_only_ones_and_reserved(core: Core) -> None:
 
 
 def test_granted_domains_only_leaves_a_user_without_grants_no_domain(core: Core) -> None:
-    registry = core.new_registry(Policy(act_as_domains=(grant("1000:3"),), granted_only=True))
+    registry = core.new_registry(Policy(act_as_domains=(grant("1000:3"),), act_as="granted"))
     assert open_as(core, registry, USER).domid == 3
     denied(lambda: open_as(core, registry, OTHER), "may act as no domain", "--allow-domain")
     denied(lambda: open_as(core, registry, OTHER, 9), "may act as no domain")
@@ -154,7 +168,7 @@ def test_granted_domains_only_leaves_a_user_without_grants_no_domain(core: Core)
 
 
 def test_the_brokers_own_uid_is_not_restricted(core: Core) -> None:
-    registry = core.new_registry(Policy(admin_uids=frozenset(), owner_uid=USER, granted_only=True))
+    registry = core.new_registry(Policy(admin_uids=frozenset(), owner_uid=USER, act_as="granted"))
     assert open_as(core, registry, USER, 12).domid == 12
     denied(lambda: open_as(core, registry, OTHER, 13), "may act as no domain")
 
@@ -166,7 +180,7 @@ def test_on_a_backend_of_one_domain_acting_as_is_not_asked(core: Core) -> None:
     def xen_like(domid: int | None, vmid: int | None) -> Backend:
         return hypervisor.backend(0, vmid=MEM_BUF_VMID_PRIMARY_VM)
 
-    registry = SessionRegistry(BackendProvider(xen_like, any_domain=False), Policy(granted_only=True), Limits())
+    registry = SessionRegistry(BackendProvider(xen_like, any_domain=False), Policy(act_as="granted"), Limits())
     try:
         assert open_as(core, registry, USER).domid == 0
         assert open_as(core, registry, OTHER).domid == 0
@@ -244,7 +258,7 @@ def alloc(session: Session, vmid: int = MEM_BUF_VMID_TRUSTED_VM) -> Awaitable[An
 
 
 async def test_a_vmid_belongs_to_the_first_user_that_uses_mem_buf_as_it(core: Core) -> None:
-    registry = core.new_registry(Policy())
+    registry = core.new_registry(Policy(act_as="owned"))
     # Every session has a VMID (the default one when its hello names none):
     # the VMID is taken by its first mem-buf call, not by the hello.
     first = open_as(core, registry, USER, 5, MEM_BUF_VMID_PRIMARY_VM)

@@ -21,6 +21,14 @@ What the broker guarantees (README "Guarantees"), each checked here:
   sessions, pool pages and copy-buffer bytes are bounded; descriptors no
   call claims expire.  Status shows a caller without a session no session.
   A socket directory others can write is refused at start.
+* A call without a valid session token is refused before its request is
+  read (the broker's memory stays flat under 15 MiB calls without a token);
+  a request larger than its call accepts is refused before it is decoded
+  (EMSGSIZE); a session has a bounded number of calls being served.
+* One session's unread subscriptions and notify flood take a bounded share of
+  each turn of the event loop, and its repeated events coalesce.
+* A user cannot act as a domain another user acted as first, nor as one the
+  policy reserves for others (``serve --allow-domain``).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import grant_broker_client
 from grant_broker.uapi.gntdev import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
 from grant_broker_protocol.v1 import broker_pb2
 from grant_broker_client.evtchn import PortFired
+from grant_broker_client.gntdev import CopySegment, Foreign, Local
 
 pytestmark = [
     pytest.mark.xen,
@@ -213,3 +214,26 @@ async def test_map_to_fd_gives_a_fresh_instance_mappable_at_offset_0(broker: Bro
                 await consumer.expect("done")
                 assert await consumer.finish() == 0
             assert bytes(pages.view[0:8]) == b"consumer"
+
+
+async def test_the_fast_path_maps_and_copies_on_real_xen(broker: Broker) -> None:
+    """The SDK's default transport on the real hypervisor: a map, a grant copy
+    and a copy ring, all as frames on the session's fd channel."""
+    async with await grant_broker_client.connect(broker.socket_path, client_name="fast path") as session:
+        assert session.fast_path
+        domid = (await session.describe()).domid
+        async with await session.gntalloc.share(domid, 2) as pages:
+            pages.view[0:5] = b"hello"
+            async with await session.gntdev.map([(domid, ref) for ref in pages.refs]) as mapping:
+                assert bytes(mapping.view[0:5]) == b"hello"
+            (copied,) = await session.gntdev.grant_copy([CopySegment(Foreign(domid, pages.refs[0]), None, 5)])
+            assert copied.ok and copied.data == b"hello"
+            async with await session.gntdev.copy_buffer(4096) as buffer, \
+                    await session.gntdev.copy_ring(buffer, entries=8) as ring:
+                statuses = await ring.submit([
+                    CopySegment(Foreign(domid, pages.refs[0]), Local(buffer, 0), 4096),
+                    CopySegment(Local(buffer, 0), Foreign(domid, pages.refs[1]), 4096),
+                ])
+                assert statuses == [0, 0]
+                assert bytes(buffer.view[0:5]) == b"hello"
+            assert bytes(pages.view[4096 : 4096 + 5]) == b"hello"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterable
 
+from grant_broker.core import audit
 from grant_broker.core.session import Session
 from grant_broker_protocol.abi import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
 from grant_broker_protocol.errors import BrokerError
@@ -90,7 +91,11 @@ def check_peers(
         return
     if session.owners is not None and session.backend.capabilities.any_domain:
         # The VMID it acts as (chosen at the hello) is its own: granted, or first used by its uid.
-        policy.check_owner(creds, "vmid", session.vmid, session.owners, operation)
+        try:
+            policy.check_owner(creds, "vmid", session.vmid, session.owners, operation)
+        except BrokerError as exc:
+            audit.refused(session, exc)
+            raise
     allowed = policy.remote_vmids_for(creds)
     if allowed is not None:
         own = session.vmid
@@ -101,8 +106,8 @@ def check_peers(
 
 def _refused(session: Session, operation: str, what: str, allowed: frozenset[int], kind: str) -> BrokerError:
     names = ", ".join(str(i) for i in sorted(allowed)[:16]) + (", ..." if len(allowed) > 16 else "")
-    return BrokerError(
+    return audit.refused(session, BrokerError(
         errno.EPERM,
         operation,
         f"uid {session.creds.uid} {what}: the broker's policy lets it name only its own and {kind} {names}",
-    )
+    ))

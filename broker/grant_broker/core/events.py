@@ -103,12 +103,17 @@ MAX_QUEUE_SIZE: Final = 65536
 READ_BATCH: Final = 256
 """Ports read per readable callback: bounded so one busy handle cannot starve the loop."""
 
-EVENTS_PER_TURN: Final = 2
-"""Events the subscribers of one fan-out take per turn of the event loop, between
-them.  An idle loop turns in microseconds, so a lone busy session is not slowed
-(a turn is as long as the work done in it); under load, each session's events
-cost at most this many sends per turn (a gRPC stream message is ~0.1 ms of
-the loop).  Measured by bench/run.py's ``bystander_under_flood``."""
+EVENTS_PER_TURN: Final = 1
+"""Events the subscribers of one fan-out (one session) take per turn of the event
+loop, between them (a turn may see twice as many: those granted at its start,
+and as many again after the count is reset within it).  A session's events
+then cost at most a couple of sends per turn (a gRPC stream message is ~0.1 ms
+of the loop), so other sessions' calls, which need a few turns each, keep
+their latency; and events that wait their turn coalesce per port, so a
+session notifying its own ports in a loop costs less the more it floods.  An
+idle loop turns in microseconds: a fan-out to 1000 subscribers takes ~4 ms
+longer than all at once (measured), and a lone busy session is not slowed.
+See bench/run.py, ``bystander_under_flood``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,13 +161,14 @@ class EventHub:
     It keeps the live readers by (event loop, descriptor) — a second
     ``add_reader`` on a descriptor would silently replace the first reader
     and events would go missing, so a second fan-out is refused instead —
-    and counts the events all of them handed to subscribers, and those the
-    subscribers took.
+    and counts the events all of them handed to subscribers, those the
+    subscribers took, and those subscribers lost (the metrics show them).
     """
 
     def __init__(self) -> None:
         self._deliveries = 0
         self._taken = 0
+        self._lost = 0
         self._readers: dict[tuple[int, int], EventFanout] = {}
 
     @property
@@ -171,6 +177,12 @@ class EventHub:
         so far: a caller can tell whether a turn of the event loop delivered
         anything."""
         return self._deliveries
+
+    @property
+    def lost(self) -> int:
+        """How many events subscribers have lost so far (their queue was full:
+        each loss counted once per subscriber that lost it)."""
+        return self._lost
 
     @property
     def taken(self) -> int:
@@ -557,6 +569,7 @@ class Subscription:
         except asyncio.QueueFull:
             self._lost += 1
             self.lost_total += 1
+            self._fanout._hub._lost += 1
             return False
         self._queued.add(port)
         self._lost = 0

@@ -1,8 +1,12 @@
-"""Who may open a session, and what one session may hold.
+"""Who may open a session, what one session may hold, and which domains it may act as and name.
 
 The kernel interfaces have almost no per-client limits (gntdev has no grant
 quota, an evtchn handle binds as many ports as the domain has): the broker's
-own quotas live here, and are checked once, in the operations.
+own quotas live here, and are checked once, in the operations.  So do the
+rules of which domains (and mem-buf VMIDs) a uid may act as and name
+(:class:`Policy`, :class:`DomainGrant`, :class:`DomainOwners`), checked at the
+hello by the registry and on every call through
+:func:`grant_broker.core.checks.check_peers`.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 from grant_broker_protocol.errors import BrokerError
 from grant_broker_protocol.fdchannel import PeerCredentials
@@ -47,6 +52,11 @@ class Limits:
     max_fast_calls_in_flight: int = 256
 
 
+ActAs = Literal["owned", "granted", "any"]
+ACT_AS_MODES: tuple[ActAs, ...] = ("owned", "granted", "any")
+"""What a uid that no grant names may act as (``Policy.act_as``, ``serve --act-as``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class DomainGrant:
     """Domains (or mem-buf VMIDs) *ids* granted to the peers of uid *uid*, or of
@@ -75,11 +85,15 @@ class DomainGrant:
         try:
             number = int(who)
             for item in listed.split(","):
-                first, dash, last = item.strip().partition("-")
-                ids.update(range(int(first), int(last if dash else first) + 1))
+                first_text, dash, last_text = item.strip().partition("-")
+                first = int(first_text)
+                last = int(last_text) if dash else first
+                if not 0 <= first <= last <= 0xFFFFFFFF or last - first >= 0x10000:
+                    raise ValueError(item)
+                ids.update(range(first, last + 1))
         except ValueError:
             raise ValueError(expected) from None
-        if number < 0 or not ids or min(ids) < 0:
+        if number < 0:
             raise ValueError(expected)
         return cls(frozenset(ids), uid=number) if kind == "uid" else cls(frozenset(ids), gid=number)
 
@@ -98,15 +112,21 @@ class Policy:
     * **Acting as** (a backend where a session chooses its domain: the
       emulated one).  A uid (or gid) that ``act_as_domains`` grants domains
       may act only as those (a hello that names none: the smallest), and
-      likewise ``act_as_vmids`` for mem-buf VMIDs.  A uid granted none may act
-      as a domain or VMID that no grant names and that no other uid has acted
-      as: the first uid to act as one owns it for the broker's life
-      (:class:`DomainOwners`) — so nobody can act as another user's domain
-      to map the grants offered to it, bind the ports offered to it or import
-      what is shared with its VMID.  With ``granted_only``, a uid granted
-      none may act as none (it may open no session on such a backend).  The
-      domain is checked at the hello (it never changes), the VMID by every
-      mem-buf call.
+      likewise ``act_as_vmids`` for mem-buf VMIDs; what is granted is
+      reserved for its grantees.  A uid granted none may act as, by
+      ``act_as`` (:data:`ACT_AS_MODES`):
+
+      - ``"owned"`` (``grant-broker serve``'s default): a domain or VMID no
+        grant names and no other uid has acted as — the first uid to act as
+        one owns it for the broker's life (:class:`DomainOwners`), so nobody
+        can act as another user's domain to map the grants offered to it,
+        bind the ports offered to it or import what is shared with its VMID;
+      - ``"granted"``: none (it may open no session on such a backend);
+      - ``"any"`` (the default of this class, for embedding and tests): any
+        that no grant names, as before there was a policy.
+
+      The domain is checked at the hello (it never changes), the VMID by
+      every mem-buf call.
     * **Naming** (every backend; on a real Xen host every session acts as the
       broker's own domain, so this is what narrows a client there): a uid or
       gid that ``remote_domains`` names may map grants of, grant to, copy
@@ -123,8 +143,12 @@ class Policy:
     act_as_vmids: tuple[DomainGrant, ...] = ()
     remote_domains: tuple[DomainGrant, ...] = ()
     remote_vmids: tuple[DomainGrant, ...] = ()
-    granted_only: bool = False
+    act_as: ActAs = "any"
     owner_uid: int = field(default_factory=os.geteuid)
+
+    def __post_init__(self) -> None:
+        if self.act_as not in ACT_AS_MODES:
+            raise ValueError(f"act_as {self.act_as!r} is not one of {', '.join(ACT_AS_MODES)}")
 
     def admits(self, creds: PeerCredentials) -> bool:
         if not self.allowed_uids and not self.allowed_gids:
@@ -182,7 +206,8 @@ class Policy:
         The unrestricted may, and the uids granted *ident*; a uid granted
         none of its kind may act as one that no grant names and that no other
         uid has acted as before (the first uid to act as one owns it for the
-        broker's life) — unless ``granted_only``.
+        broker's life) with ``act_as`` ``"owned"``, none with ``"granted"``,
+        any with ``"any"``.
 
         Raises:
             BrokerError: EPERM otherwise.
@@ -197,7 +222,7 @@ class Policy:
             if granted is not None:
                 if ident not in granted:
                     raise _denied(operation, f"uid {creds.uid} may not act as {what} {ident}; it may act as {_ids(granted)}")
-            elif self.granted_only:
+            elif self.act_as == "granted":
                 raise _denied(
                     operation,
                     f"uid {creds.uid} (gid {creds.gid}) may act as no {what} on this broker; "
@@ -205,7 +230,7 @@ class Policy:
                 )
             elif any(ident in grant.ids for grant in grants):
                 raise _denied(operation, f"{what} {ident} is reserved by the broker's policy for the users granted it")
-            elif owner is not None and owner != creds.uid:
+            elif self.act_as == "owned" and owner is not None and owner != creds.uid:
                 raise _denied(
                     operation,
                     f"{what} {ident} belongs to another user (the first to act as it on this broker); choose another, "

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 
 from grant_broker.backend.contract import Backend
+from grant_broker.core import audit
 from grant_broker.core.budgets import SESSIONS, UserBudget
 from grant_broker.core.events import EventHub
 from grant_broker.core.policy import DomainOwners, Limits, Policy
@@ -62,7 +63,19 @@ class SessionRegistry:
         Raises:
             BrokerError: EPERM when the policy refuses the peer, EDQUOT past the
                 session limits, or the backend's refusal of the domain asked for.
+                A refusal by the policy or a limit is in the audit log.
         """
+        try:
+            session = self._admit(channel, creds, client_name, domid, vmid)
+        except BrokerError as exc:
+            audit.hello_refused(creds, client_name, domid, vmid, exc)
+            raise
+        audit.session_opened(session)
+        return session
+
+    def _admit(
+        self, channel: FdChannel, creds: PeerCredentials, client_name: str, domid: int | None, vmid: int | None
+    ) -> Session:
         operation = "open session"
         if not self.policy.admits(creds):
             raise BrokerError(errno.EPERM, operation, f"uid {creds.uid} (pid {creds.pid}) is not allowed by the broker's policy")
@@ -95,7 +108,7 @@ class SessionRegistry:
         self._by_token[session.token] = session
         log.info(
             "session %d opened: %r, pid %d uid %d, domain %d",
-            session.id, session.client_name, creds.pid, creds.uid, session.domid,
+            session.id, session.client_name, creds.pid, creds.uid, session.domid, extra=session.log_fields,
         )
         return session
 
@@ -121,6 +134,8 @@ class SessionRegistry:
         """Forget *session* and release everything it holds."""
         known = self._sessions.pop(session.id, None) is not None
         self._by_token.pop(session.token, None)
+        if known:
+            audit.session_closed(session)  # with what it holds now, which the release gives back
         session.release()
         if known:
             user = session.user

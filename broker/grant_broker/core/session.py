@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from grant_broker.backend.contract import Backend, EvtchnHandle, GntallocInstance, GntdevInstance, MemBufDevice
+from grant_broker.core import audit
 from grant_broker.core.budgets import CALLS, FDS_HELD, Budget, UserBudget, over_budget
 from grant_broker.core.events import EventHub
 from grant_broker.core.policy import DomainOwners, Limits, Policy
@@ -99,6 +100,8 @@ class Session:
         self.event_hub = event_hub  # the broker's, shared by every session's event reader
         self.created = time.monotonic()
         self.usage = Usage()
+        # Who it is, for the records of both logs that concern it (core/audit.py).
+        self.log_fields: dict[str, object] = audit.identity(self)
         self.closed = asyncio.Event()
         # Per-area state (gntdev ledger, event channels, ...), made by the
         # operations on first use; see service_state().
@@ -188,11 +191,11 @@ class Session:
         ``Limits`` field *name*, which the refusal names)."""
         if used + adding > limit:
             budget = f" (budget {name})" if name else ""
-            raise BrokerError(
+            raise audit.refused(self, BrokerError(
                 errno.EDQUOT,
                 operation,
                 f"this session holds {used} {what} and asked for {adding} more; the limit is {limit}{budget}",
-            )
+            ))
 
     # ---------------------------------------------------------------- budgets
 
@@ -209,8 +212,13 @@ class Session:
         limit = budget.session_limit(self.limits)
         if limit is not None and used + count > limit:
             assert budget.per_session is not None
-            raise over_budget(operation, "this session holds", budget, budget.per_session, used, count, limit)
-        self.user.charge(operation, budget, count)
+            refusal = over_budget(operation, "this session holds", budget, budget.per_session, used, count, limit)
+            raise audit.refused(self, refusal)
+        try:
+            self.user.charge(operation, budget, count)
+        except BrokerError as exc:
+            audit.refused(self, exc)
+            raise
         self.held[budget] += count
 
     def credit(self, budget: Budget, count: int = 1) -> None:
@@ -267,21 +275,21 @@ class Session:
         self.closed.set()
         cleanups, self._cleanups = self._cleanups, []
         for cleanup in reversed(cleanups):
-            with _logged(f"session {self.id}: cleanup"):
+            with _logged(f"session {self.id}: cleanup", self):
                 cleanup()
         self.incoming.close(BrokerError(errno.ECANCELED, "session", f"session {self.id} ended"))
         for name in ("_gntdev", "_gntalloc", "_evtchn", "_membuf"):
             device = getattr(self, name)
             setattr(self, name, None)
             if device is not None:
-                with _logged(f"session {self.id}: closing {name[1:]}"):
+                with _logged(f"session {self.id}: closing {name[1:]}", self):
                     device.close()
-        with _logged(f"session {self.id}: closing backend"):
+        with _logged(f"session {self.id}: closing backend", self):
             self.backend.close()
         self.channel.close()
         # Everything is given back now, whichever paths the resources took.
         self._credit_all()
-        log.info("session %d (%r, pid %d) released", self.id, self.client_name, self.creds.pid)
+        log.info("session %d (%r, pid %d) released", self.id, self.client_name, self.creds.pid, extra=self.log_fields)
 
 
 class _PendingDescriptors:
@@ -298,8 +306,8 @@ class _PendingDescriptors:
 
 
 @contextlib.contextmanager
-def _logged(what: str) -> Iterator[None]:
+def _logged(what: str, session: Session) -> Iterator[None]:
     try:
         yield
     except Exception:  # noqa: BLE001 - release must go on with the rest
-        log.exception("%s failed", what)
+        log.exception("%s failed", what, extra=session.log_fields)

@@ -14,6 +14,8 @@ from grant_broker_protocol.errors import BrokerError
 
 BACKEND_CHOICES = ("auto", "emulated", "xen")
 XEN_PROBE_DEVICE = "/dev/xen/gntdev"
+XEN_GNTALLOC_LIMIT = "/sys/module/xen_gntalloc/parameters/limit"
+"""Linux gntalloc's ``limit`` module parameter: the pages of every gntalloc user of this domain."""
 
 
 @dataclass
@@ -23,6 +25,9 @@ class BackendChoice:
     provider: BackendProvider
     capabilities: Capabilities
     close: Callable[[], None]
+    # A domain's gntalloc pool, as far as the backend can tell: (pages in use
+    # by every user of the pool, its limit), each None if unknown (the metrics).
+    gntalloc_pool: Callable[[int], tuple[int | None, int | None]] | None = None
 
 
 def choose_backend(kind: str) -> BackendChoice:
@@ -53,7 +58,15 @@ def _xen() -> BackendChoice:
             )
         return backend
 
-    return BackendChoice(BackendProvider(xen_backend, any_domain=False), capabilities, lambda: None)
+    def xen_pool(domid: int) -> tuple[int | None, int | None]:
+        # The kernel tells the limit, not how much of it its users hold.
+        try:
+            with open(XEN_GNTALLOC_LIMIT) as parameter:
+                return None, int(parameter.read())
+        except (OSError, ValueError):
+            return None, None
+
+    return BackendChoice(BackendProvider(xen_backend, any_domain=False), capabilities, lambda: None, xen_pool)
 
 
 def _emulated() -> BackendChoice:
@@ -67,4 +80,7 @@ def _emulated() -> BackendChoice:
     probe = hypervisor.backend(0)
     capabilities = probe.capabilities
     probe.close()
-    return BackendChoice(BackendProvider(emulated_backend, any_domain=True), capabilities, hypervisor.close)
+    def emulated_pool(domid: int) -> tuple[int | None, int | None]:
+        return hypervisor.gntalloc_pages(domid), hypervisor.gntalloc_limit
+
+    return BackendChoice(BackendProvider(emulated_backend, any_domain=True), capabilities, hypervisor.close, emulated_pool)

@@ -2,7 +2,8 @@
 
 ``BrokerServer`` makes the core (the session registry, the route table) and
 the transports (gRPC handlers built from the routes, the fd channel server)
-and binds them to the two Unix sockets.  It refuses to start over a live
+and binds them to the two Unix sockets (and, with ``metrics``, serves the
+metrics: :mod:`.metrics`).  It refuses to start over a live
 broker's socket, removes a stale one, and on shutdown turns health to
 NOT_SERVING, ends event streams, lets in-flight calls finish within the grace
 period, releases every session and removes its sockets.
@@ -18,7 +19,7 @@ import os
 import socket
 import stat
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,6 +27,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from grant_broker.backend.contract import Capabilities
 from grant_broker.core.operations.broker import BrokerStatus, StatusView
+from grant_broker.core.observe import NO_OBSERVER, CallObserver
 from grant_broker.core.operations.evtchn import end_subscriptions
 from grant_broker.core.policy import Limits, Policy
 from grant_broker.core.registry import SessionRegistry
@@ -37,6 +39,9 @@ from grant_broker.transport.grpc.handlers import generic_handlers
 from grant_broker_protocol.endpoints import fd_channel_path
 from grant_broker_protocol.errors import BrokerError
 from grant_broker_protocol.fdchannel import FdChannel
+
+if TYPE_CHECKING:  # imported when the metrics are on (prometheus_client is not loaded otherwise)
+    from grant_broker.daemon.metrics import BrokerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,10 @@ tests/reliability/test_load.py.
 """
 
 SERVER_OPTIONS: list[tuple[str, Any]] = [
+    # The largest legitimate request (a GrantCopy with a page of inline bytes
+    # per segment).  grpc-python has no per-method receive limit: each call's
+    # own limit is checked before decoding, and a call without a valid session
+    # is refused before its request is read (transport/grpc/handlers.py).
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.max_concurrent_streams", 100_000),
     ("grpc.server.max_pending_requests", MAX_QUEUED_CALLS),
@@ -79,6 +88,9 @@ class ServerConfig:
     status_view: StatusView = "own"
     # Calls as frames on the session's fd channel, for clients that ask (see fdchannel.proto).
     fast_path: bool = True
+    # Where to serve the metrics (``serve --metrics``): "HOST:PORT", "[IPV6]:PORT",
+    # ":PORT" (every interface) or "unix:PATH"; None: not served (daemon/metrics.py).
+    metrics: str | None = None
 
 
 def _prepare_socket_path(path: str) -> None:
@@ -156,6 +168,7 @@ class BrokerServer:
         self._accept_task: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
         self.registry: SessionRegistry | None = None
+        self.metrics: BrokerMetrics | None = None
         self._ending = False
         self._stopped = asyncio.Event()
 
@@ -166,14 +179,28 @@ class BrokerServer:
 
     async def start(self) -> None:
         config = self.config
+        metrics_address = None
+        if config.metrics is not None:
+            from grant_broker.daemon.metrics import BrokerMetrics, MetricsAddress
+
+            try:
+                metrics_address = MetricsAddress.parse(config.metrics)
+            except ValueError as exc:
+                raise BrokerError(errno.EINVAL, "metrics", str(exc)) from None
         _prepare_socket_path(config.socket_path)
         self._backend = choose_backend(config.backend)
         self.registry = SessionRegistry(self._backend.provider, config.policy, config.limits)
         status = BrokerStatus(self.registry, self._backend.capabilities, view=config.status_view)
         routes = build_routes(status, streams_ended=lambda: self._ending)
-        self._fd_channels = FdChannelServer(self.registry, routes if config.fast_path else ())
+        observer: CallObserver = NO_OBSERVER
+        if metrics_address is not None:
+            self.metrics = BrokerMetrics(
+                self.registry, backend=self._backend.capabilities.backend, gntalloc_pool=self._backend.gntalloc_pool
+            )
+            observer = self.metrics.calls
+        self._fd_channels = FdChannelServer(self.registry, routes if config.fast_path else (), observer)
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        self._add_services(server, routes)
+        self._add_services(server, routes, observer)
         try:
             server.add_insecure_port(f"unix:{config.socket_path}")
             await server.start()
@@ -186,6 +213,8 @@ class BrokerServer:
             # Room for every session to reconnect at once (after a restart); the kernel caps it at somaxconn.
             listener.listen(max(256, config.limits.max_sessions))
             listener.setblocking(False)
+            if self.metrics is not None and metrics_address is not None:
+                await self.metrics.serve(metrics_address, socket_mode=config.socket_mode)
         except BaseException:
             await self._shutdown(grace=0)
             raise
@@ -198,10 +227,10 @@ class BrokerServer:
     def _service_names() -> list[str]:
         return [service.full_name for service in SERVICES.values()]
 
-    def _add_services(self, server: grpc.aio.Server, routes: tuple[Route, ...]) -> None:
+    def _add_services(self, server: grpc.aio.Server, routes: tuple[Route, ...], observer: CallObserver = NO_OBSERVER) -> None:
         registry = self.registry
         assert registry is not None
-        server.add_generic_rpc_handlers(generic_handlers(registry, routes))
+        server.add_generic_rpc_handlers(generic_handlers(registry, routes, observer))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]  # unannotated in its stubs
             reflection.aio.ReflectionServicer([*self._service_names(), health.SERVICE_NAME, reflection.SERVICE_NAME]),
@@ -261,6 +290,8 @@ class BrokerServer:
         self._stopped.set()
         with contextlib.suppress(Exception):
             await self._health.enter_graceful_shutdown()
+        if self.metrics is not None:
+            await self.metrics.close()
         if self._accept_task is not None:
             self._accept_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

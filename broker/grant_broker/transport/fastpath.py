@@ -13,6 +13,9 @@ buffer.  Streams are bounded by the subscription budget instead.  Event
 subscriptions send ``PortFired``/``EventsLost`` frames from their own bounded
 queue (the fan-out's): a client that does not read fills the queue and is
 told what it lost, the broker never blocks on it.
+
+Every call is reported, once it ends, to its method's
+:class:`~grant_broker.core.observe.CallRecorder` (``FastPath._serve``).
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import collections
 import errno
 import logging
 from collections.abc import AsyncIterator, Mapping
+from time import perf_counter
 from typing import Any, cast
 
 from google.protobuf.message import DecodeError, Message
 
 from grant_broker.core.failures import as_broker_error
+from grant_broker.core.observe import NO_RECORDER, CallRecorder
 from grant_broker.core.reply import Reply
 from grant_broker.core.routes import Route, StreamOperation, UnaryOperation
 from grant_broker.core.session import Session
@@ -49,9 +54,19 @@ log = logging.getLogger(__name__)
 class FastPath:
     """Serves the fast-path calls of one session."""
 
-    def __init__(self, session: Session, routes: Mapping[str, Route], max_in_flight: int) -> None:
+    def __init__(
+        self,
+        session: Session,
+        routes: Mapping[str, Route],
+        max_in_flight: int,
+        recorders: Mapping[str, CallRecorder] | None = None,
+        unknown: CallRecorder = NO_RECORDER,
+    ) -> None:
         self._session = session
         self._routes = routes
+        # By method name as *routes*: how each call ended (the metrics); *unknown* for a name no route has.
+        self._recorders: Mapping[str, CallRecorder] = recorders or {}
+        self._unknown = unknown
         self._max_in_flight = max_in_flight
         self._unary_in_flight = 0
         self._waiting: collections.deque[Call] = collections.deque()
@@ -132,30 +147,39 @@ class FastPath:
     # ------------------------------------------------------------ serving
 
     async def _serve(self, call_id: int, method: str, payload: bytes) -> None:
+        started = perf_counter()
+        code = errno.ECANCELED  # unless it ends otherwise: the client or the session's end cancelled it
         route = self._routes.get(method)
         try:
-            if route is None:
-                raise BrokerError(errno.ENOSYS, "fast path", f"no method {method!r} on the fast path; call it over gRPC")
             try:
-                request = route.request_type.FromString(payload)
-            except DecodeError as exc:
-                raise BrokerError(errno.EINVAL, route.method, f"the request does not decode: {exc}") from None
-            if route.streaming:
-                await self._stream(call_id, route, request)
+                if route is None:
+                    raise BrokerError(errno.ENOSYS, "fast path", f"no method {method!r} on the fast path; call it over gRPC")
+                try:
+                    request = route.request_type.FromString(payload)
+                except DecodeError as exc:
+                    raise BrokerError(errno.EINVAL, route.method, f"the request does not decode: {exc}") from None
+                if route.streaming:
+                    code = await self._stream(call_id, route, request)
+                    return
+                reply = await cast(UnaryOperation, route.operation)(self._session, request)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - told to the client, never swallowed
+                error = as_broker_error(exc)
+                code = error.errno
+                await self._send(FdFrame(reply=CallReply(call_id=call_id, error=error_detail(error))))
                 return
-            reply = await cast(UnaryOperation, route.operation)(self._session, request)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - told to the client, never swallowed
-            await self._send(FdFrame(reply=CallReply(call_id=call_id, error=error_detail(as_broker_error(exc)))))
-            return
-        await self._reply(call_id, reply)
+            code = await self._reply(call_id, reply)
+        finally:
+            self._recorders.get(method, self._unknown).record(code, perf_counter() - started)
 
-    async def _reply(self, call_id: int, reply: Reply[Any]) -> None:
+    async def _reply(self, call_id: int, reply: Reply[Any]) -> int:
         """The reply's message and descriptors in one datagram — or, past
         MAX_FDS_PER_FRAME descriptors, the descriptors as a transfer ahead of
-        it, named by the response's fd_transfer as over gRPC."""
+        it, named by the response's fd_transfer as over gRPC.  Answers the
+        errno the client was told (0: none)."""
         channel = self._session.channel
+        code = 0
         try:
             message: Message = reply.message
             fds = [fd.fileno() for fd in reply.fds]
@@ -172,11 +196,14 @@ class FastPath:
                     "make this call over gRPC",
                 )
                 frame, fds = FdFrame(reply=CallReply(call_id=call_id, error=error_detail(error))), []
+                code = error.errno
             await self._send(frame, fds)
         finally:
             reply.close()
+        return code
 
-    async def _stream(self, call_id: int, route: Route, request: Message) -> None:
+    async def _stream(self, call_id: int, route: Route, request: Message) -> int:
+        """Serve a streaming call until it ends; answer how (an errno, 0: normally)."""
         messages: AsyncIterator[Message] = cast(StreamOperation, route.operation)(self._session, request)
         self._streams.add(call_id)
         try:
@@ -184,7 +211,7 @@ class FastPath:
                 first = await anext(messages)
             except StopAsyncIteration:
                 await self._send(FdFrame(stream_end=StreamEnd(call_id=call_id)))
-                return
+                return 0
             # The first message (Event{subscribed}) answers the call: the stream is live.
             await self._send(FdFrame(reply=CallReply(call_id=call_id, response=first.SerializeToString())))
             try:
@@ -193,13 +220,15 @@ class FastPath:
             except asyncio.CancelledError:
                 if self._session.closed.is_set():
                     raise
-                # Cancel from the client: the stream ends normally.
+                # Cancel from the client: the stream ends normally (counted as cancelled, as over gRPC).
                 await self._send(FdFrame(stream_end=StreamEnd(call_id=call_id)))
-                return
+                return errno.ECANCELED
             except Exception as exc:  # noqa: BLE001 - told to the client
-                await self._send(FdFrame(stream_end=StreamEnd(call_id=call_id, error=error_detail(as_broker_error(exc)))))
-                return
+                error = as_broker_error(exc)
+                await self._send(FdFrame(stream_end=StreamEnd(call_id=call_id, error=error_detail(error))))
+                return error.errno
             await self._send(FdFrame(stream_end=StreamEnd(call_id=call_id)))
+            return 0
         finally:
             self._streams.discard(call_id)
             await messages.aclose()  # type: ignore[attr-defined]
@@ -212,7 +241,7 @@ class FastPath:
             await channel.send(frame, fds or ())
         except OSError as exc:
             # The client is gone: its session ends with the channel's reader.
-            log.debug("session %d: fast-path send failed: %s", self._session.id, exc)
+            log.debug("session %d: fast-path send failed: %s", self._session.id, exc, extra=self._session.log_fields)
 
 
 def _stream_frame(call_id: int, message: Message) -> FdFrame:

@@ -8,7 +8,9 @@ descriptors go to the session's transfer table until a call takes them, and
 :class:`~grant_broker.transport.fastpath.FastPath`.  The channel's end —
 whatever the reason — releases the session.  A client that breaks the
 protocol is told why in a ``ProtocolError`` frame before the channel is
-closed.
+closed.  The hello's outcome (opened, or refused with its errno) is reported
+to the observer as the call ``FdChannel.Hello``, and the fast-path calls as
+their methods (:mod:`grant_broker.core.observe`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ import asyncio
 import errno
 import logging
 from collections.abc import Callable, Iterable
+from time import perf_counter
 
+from grant_broker.core.observe import (
+    HELLO,
+    NO_OBSERVER,
+    TRANSPORT_FAST_PATH,
+    TRANSPORT_FD_CHANNEL,
+    UNKNOWN_METHOD,
+    CallObserver,
+)
 from grant_broker.core.registry import SessionRegistry
 from grant_broker.core.routes import Route
 from grant_broker.core.session import Session
@@ -44,10 +55,15 @@ class FdChannelServer:
     """Serves the fd channels of one broker's sessions, and their fast-path
     calls from *routes* (none: the fast path is not offered)."""
 
-    def __init__(self, registry: SessionRegistry, routes: Iterable[Route] = ()) -> None:
+    def __init__(self, registry: SessionRegistry, routes: Iterable[Route] = (), observer: CallObserver = NO_OBSERVER) -> None:
         self.registry = registry
         self._routes = {route.full_name: route for route in routes}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._hello = observer.recorder(*HELLO, TRANSPORT_FD_CHANNEL)
+        self._recorders = {
+            name: observer.recorder(route.service, route.method, TRANSPORT_FAST_PATH) for name, route in self._routes.items()
+        }
+        self._unknown = observer.recorder(*UNKNOWN_METHOD, TRANSPORT_FAST_PATH)
 
     def accept(self, channel: FdChannel) -> None:
         """Serve a newly connected fd channel in its own task."""
@@ -59,17 +75,29 @@ class FdChannelServer:
         session: Session | None = None
         fast: FastPath | None = None
         try:
-            session, fast = await self._handshake(channel)
+            started = perf_counter()
+            try:
+                session, fast = await self._handshake(channel)
+            except ProtocolError as exc:  # refused (a client that just went away is not counted)
+                self._hello.record(exc.errno, perf_counter() - started)
+                raise
+            self._hello.record(0, perf_counter() - started)
             await self._receive_frames(session, fast)
         except ChannelClosed:
             pass
         except ProtocolError as exc:
-            log.warning("fd channel protocol error (session %s): %s", session.id if session else "-", exc)
+            log.warning(
+                "fd channel protocol error (session %s): %s", session.id if session else "-", exc,
+                extra=session.log_fields if session else None,
+            )
             channel.send_error_nowait(str(exc), exc.errno)
         except OSError as exc:
             log.warning("fd channel failed: %s", exc)
         except Exception:  # noqa: BLE001 - a bug; it ends this channel only, and is logged
-            log.exception("fd channel of session %s failed unexpectedly", session.id if session else "-")
+            log.exception(
+                "fd channel of session %s failed unexpectedly", session.id if session else "-",
+                extra=session.log_fields if session else None,
+            )
         finally:
             if fast is not None:
                 await fast.close()
@@ -133,7 +161,7 @@ class FdChannelServer:
         if not fast_path:
             return session, None
         channel.max_frame_bytes = FAST_PATH_FRAME_BYTES
-        return session, FastPath(session, self._routes, limits.max_fast_calls_in_flight)
+        return session, FastPath(session, self._routes, limits.max_fast_calls_in_flight, self._recorders, self._unknown)
 
     async def _receive_frames(self, session: Session, fast: FastPath | None) -> None:
         """Serve the session's frames, each straight from the channel's reader
@@ -171,7 +199,7 @@ class FdChannelServer:
             raise ProtocolError(f"unexpected {body} frame after the hello")
 
     def _on_dropped(self, session: Session, exc: DescriptorsDropped) -> None:
-        log.warning("session %d: %s: the broker is out of descriptors", session.id, exc)
+        log.warning("session %d: %s: the broker is out of descriptors", session.id, exc, extra=session.log_fields)
         error = BrokerError(
             errno.EMFILE,
             "fd transfer",

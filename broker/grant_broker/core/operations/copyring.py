@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from grant_broker.backend.contract import CopyForeign, CopyLocal, GrantCopySegment
+from grant_broker.core import audit
 from grant_broker.core.budgets import COPY_BUFFER_BYTES, FDS_HELD
 from grant_broker.core.checks import invalid
 from grant_broker.core.operations.gntdev import (
@@ -125,7 +126,9 @@ async def create_copy_ring(
         raise invalid(op, f"entries {entries} is not between 1 and {MAX_RING_ENTRIES}")
     rings = copy_rings(session)
     if len(rings.rings) >= MAX_COPY_RINGS_PER_SESSION:
-        raise BrokerError(errno.EDQUOT, op, f"this session has {len(rings.rings)} copy rings, the most allowed")
+        raise audit.refused(
+            session, BrokerError(errno.EDQUOT, op, f"this session has {len(rings.rings)} copy rings, the most allowed")
+        )
     size = ring_bytes(entries)
     session.charge(op, COPY_BUFFER_BYTES, size)
     try:

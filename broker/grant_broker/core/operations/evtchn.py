@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+from grant_broker.core import audit
 from grant_broker.core.budgets import PORTS, SUBSCRIPTIONS
 from grant_broker.core.checks import check_domid, check_peers, invalid
 from grant_broker.core.events import MAX_QUEUE_SIZE, EventFanout, Fired, PortUnbound
@@ -122,7 +123,15 @@ def _owned_port(operation: str, state: SessionEvtchn, port: int) -> None:
 # ---------------------------------------------------------------- binding
 
 
-def _bind(session: Session, operation: str, bind: Callable[[], int]) -> Reply[evtchn_pb2.BindResponse]:
+def _bind(
+    session: Session,
+    operation: str,
+    bind: Callable[[], int],
+    *,
+    remote_domain: int | None = None,
+    remote_port: int | None = None,
+    virq: int | None = None,
+) -> Reply[evtchn_pb2.BindResponse]:
     state = session_state(session)
     session.charge(operation, PORTS)
     try:
@@ -135,25 +144,34 @@ def _bind(session: Session, operation: str, bind: Callable[[], int]) -> Reply[ev
         raise
     state.ports.add(port)
     session.usage.event_channels += 1
+    audit.port_bound(session, operation, port, remote_domain=remote_domain, remote_port=remote_port, virq=virq)
     return Reply(evtchn_pb2.BindResponse(port=port))
 
 
 async def bind_virq(session: Session, request: evtchn_pb2.BindVirqRequest) -> Reply[evtchn_pb2.BindResponse]:
-    return _bind(session, "evtchn bind virq", lambda: session.evtchn.bind_virq(request.virq))
+    return _bind(session, "evtchn bind virq", lambda: session.evtchn.bind_virq(request.virq), virq=request.virq)
 
 
 async def bind_interdomain(session: Session, request: evtchn_pb2.BindInterdomainRequest) -> Reply[evtchn_pb2.BindResponse]:
     operation = "evtchn bind interdomain"
     check_domid(operation, request.remote_domain, "remote domain")
     check_peers(session, operation, "bind to", domains=(request.remote_domain,))
-    return _bind(session, operation, lambda: session.evtchn.bind_interdomain(request.remote_domain, request.remote_port))
+    return _bind(
+        session,
+        operation,
+        lambda: session.evtchn.bind_interdomain(request.remote_domain, request.remote_port),
+        remote_domain=request.remote_domain,
+        remote_port=request.remote_port,
+    )
 
 
 async def bind_unbound_port(session: Session, request: evtchn_pb2.BindUnboundPortRequest) -> Reply[evtchn_pb2.BindResponse]:
     operation = "evtchn bind unbound port"
     check_domid(operation, request.remote_domain, "remote domain")
     check_peers(session, operation, "bind to", domains=(request.remote_domain,))
-    return _bind(session, operation, lambda: session.evtchn.bind_unbound_port(request.remote_domain))
+    return _bind(
+        session, operation, lambda: session.evtchn.bind_unbound_port(request.remote_domain), remote_domain=request.remote_domain
+    )
 
 
 async def unbind(session: Session, request: evtchn_pb2.UnbindRequest) -> Reply[evtchn_pb2.UnbindResponse]:
@@ -180,6 +198,7 @@ def _forget(session: Session, state: SessionEvtchn, port: int) -> None:
     state.ports.discard(port)
     session.usage.event_channels -= 1
     session.credit(PORTS)
+    audit.port_unbound(session, "evtchn unbind", port)
     if state.fanout is not None:
         state.fanout.forget_port(port)
 

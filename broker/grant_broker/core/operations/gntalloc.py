@@ -15,6 +15,7 @@ leave the others of its domain with ENOSPC.
 
 from __future__ import annotations
 
+from grant_broker.core import audit
 from grant_broker.core.budgets import POOL_PAGES
 from grant_broker.core.checks import check_count, check_domid, check_notify_action, check_peers, invalid, quota_grants
 from grant_broker.core.operations.evtchn import check_port_of_session
@@ -29,11 +30,15 @@ class GntallocState:
 
     def __init__(self) -> None:
         self.allocations: dict[int, int] = {}
+        self.domains: dict[int, int] = {}  # index -> the domain granted to (for the metrics: core/census.py)
+        self.refs: dict[int, tuple[int, ...]] = {}  # index -> the refs granted (for the audit log: core/audit.py)
 
     def close(self) -> None:
         # Closing the session's gntalloc instance (the session does it right
         # after) deallocates everything; only the bookkeeping goes here.
         self.allocations.clear()
+        self.domains.clear()
+        self.refs.clear()
 
 
 def gntalloc_state(session: Session) -> GntallocState:
@@ -61,12 +66,19 @@ async def alloc_gref(session: Session, request: gntalloc_pb2.AllocGrefRequest) -
         session.credit(POOL_PAGES, request.count)
         raise
     try:
-        gntalloc_state(session).allocations[allocation.index] = allocation.count
+        state = gntalloc_state(session)
+        state.allocations[allocation.index] = allocation.count
+        state.domains[allocation.index] = request.domid
+        state.refs[allocation.index] = tuple(allocation.refs)
         session.usage.allocations += 1
         session.usage.granted_pages += allocation.count
     except BaseException:
         close_spans(spans)
         raise
+    audit.grants_shared(
+        session, op, request.domid, allocation.refs, index=allocation.index,
+        writable=bool(request.flags & GNTALLOC_FLAG_WRITABLE),
+    )
     # Recorded before the reply travels: if the session ends meanwhile, the
     # instance's close gives the pages back.
     return Reply(
@@ -83,11 +95,16 @@ async def dealloc_gref(session: Session, request: gntalloc_pb2.DeallocGrefReques
         raise invalid(op, f"no allocation starts at index {request.index} in this session")
     if count != request.count:
         raise invalid(op, f"the allocation at index {request.index} has {count} pages, not {request.count}")
+    shared_with = state.domains.get(request.index)
     session.gntalloc.dealloc_gref(request.index, request.count)
     del state.allocations[request.index]
+    state.domains.pop(request.index, None)
     session.usage.allocations -= 1
     session.usage.granted_pages -= count
     session.credit(POOL_PAGES, count)
+    refs = state.refs.pop(request.index, ())
+    if shared_with is not None:
+        audit.grants_unshared(session, op, shared_with, refs, index=request.index)
     return Reply(gntalloc_pb2.DeallocGrefResponse())
 
 

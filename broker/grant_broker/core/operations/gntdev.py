@@ -58,6 +58,7 @@ from grant_broker.backend.contract import (
     GrantRef,
     MemorySpan,
 )
+from grant_broker.core import audit
 from grant_broker.core.budgets import COPY_BUFFER_BYTES, FDS_HELD
 from grant_broker.core.checks import (
     DOMID_MAX,
@@ -150,6 +151,8 @@ class _Export:
 
     fd: OwnedFd  # the export's number, reserved
     count: int
+    domid: int | None = None  # the granting domain (for the metrics: core/census.py)
+    refs: tuple[int, ...] = ()  # its refs (for the audit log: core/audit.py)
 
 
 def reserve_number(fd: OwnedFd) -> None:
@@ -175,6 +178,8 @@ class _Import:
     fd: OwnedFd
     instance: GntdevInstance
     count: int
+    domid: int | None = None  # the domain granted to (for the metrics: core/census.py)
+    refs: tuple[int, ...] = ()  # the refs granted (for the audit log: core/audit.py)
 
 
 @dataclass(eq=False)
@@ -256,6 +261,7 @@ def map_grants(
     state.mappings[index] = _Mapping(grants, handouts=1 if memory else 0)
     session.usage.mappings += 1
     session.usage.mapped_grants += count
+    audit.grants_mapped(session, operation, grants, index=index, writable=writable if memory else None)
     return index, spans
 
 
@@ -354,6 +360,7 @@ async def unmap_grant_ref(
         mapping.fresh.close()
     session.usage.mappings -= 1
     session.usage.mapped_grants -= mapping.count
+    audit.grants_unmapped(session, op, mapping.refs, index=request.index)
     return Reply(gntdev_pb2.UnmapGrantRefResponse())
 
 
@@ -405,9 +412,9 @@ async def register_copy_buffer(
             raise invalid(op, f"length {request.length} is not between 1 and {MAX_COPY_BUFFER_BYTES} bytes")
         state = gntdev_state(session)
         if len(state.copy_buffers) >= MAX_COPY_BUFFERS_PER_SESSION:
-            raise BrokerError(
+            raise audit.refused(session, BrokerError(
                 errno.EDQUOT, op, f"this session has registered {len(state.copy_buffers)} copy buffers, the most allowed"
-            )
+            ))
         session.charge(op, COPY_BUFFER_BYTES, request.length)
         try:
             session.charge(op, FDS_HELD)
@@ -503,9 +510,10 @@ async def dmabuf_export_from_refs(
     # The client gets the duplicate; the broker keeps only the number (see _Export).
     reserve_number(fd)
     dmabuf_id = state.next_id()
-    state.exports[dmabuf_id] = _Export(fd, request.count)
+    state.exports[dmabuf_id] = _Export(fd, request.count, request.domid, tuple(request.refs))
     session.usage.dmabufs += 1
     session.usage.mapped_grants += request.count
+    audit.grants_mapped(session, op, _export_grants(state.exports[dmabuf_id]), dmabuf_id=dmabuf_id)
     return Reply(
         gntdev_pb2.DmabufExportFromRefsResponse(fd=common_pb2.FdRef(index=0), dmabuf_id=dmabuf_id), [for_client]
     )
@@ -551,6 +559,7 @@ async def dmabuf_export_wait_released(
     session.usage.dmabufs -= 1
     session.usage.mapped_grants -= export.count
     session.credit(FDS_HELD)
+    audit.grants_unmapped(session, op, _export_grants(export), dmabuf_id=request.dmabuf_id)
     return Reply(gntdev_pb2.DmabufExportWaitReleasedResponse())
 
 
@@ -579,9 +588,10 @@ async def dmabuf_import_to_refs(
         raise
     state = gntdev_state(session)
     dmabuf_id = state.next_id()
-    state.imports[dmabuf_id] = _Import(fd, instance, request.count)
+    state.imports[dmabuf_id] = _Import(fd, instance, request.count, request.domid, tuple(refs))
     session.usage.dmabufs += 1
     session.usage.granted_pages += request.count
+    audit.grants_shared(session, op, request.domid, refs, dmabuf_id=dmabuf_id)
     return Reply(gntdev_pb2.DmabufImportToRefsResponse(dmabuf_id=dmabuf_id, refs=refs))
 
 
@@ -601,7 +611,15 @@ async def dmabuf_import_release(
     session.usage.dmabufs -= 1
     session.usage.granted_pages -= imported.count
     session.credit(FDS_HELD)
+    if imported.domid is not None:
+        audit.grants_unshared(session, op, imported.domid, imported.refs, dmabuf_id=request.dmabuf_id)
     return Reply(gntdev_pb2.DmabufImportReleaseResponse())
+
+
+def _export_grants(export: _Export) -> tuple[GrantRef, ...]:
+    """The grants a dma-buf export maps (for the audit log)."""
+    domid = -1 if export.domid is None else export.domid
+    return tuple([GrantRef(domid, ref) for ref in export.refs])
 
 
 # --------------------------------------------------------------------------- request checks

@@ -9,19 +9,24 @@ grpc.aio keeps one pending call request per *registered* method and waits on
 all of them for every call, which cost ~40 µs of event-loop time per call.
 A call is authenticated, and counted among its session's calls in flight,
 before its request is read; the request is checked against its route's size
-limit before it is decoded (:class:`_Gate`).
+limit before it is decoded (:class:`_Gate`).  Each handler tells its method's
+:class:`~grant_broker.core.observe.CallRecorder` how the call ended and how
+long it took (the daemon's metrics; nothing by default).
 """
 
 from __future__ import annotations
 
 import errno
 from collections.abc import AsyncIterator, Callable, Iterable
+from time import perf_counter
 from typing import Any, TypeAlias, cast
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
 from grant_broker.backend.contract import PAGE_SIZE
+from grant_broker.core.failures import as_broker_error
+from grant_broker.core.observe import NO_OBSERVER, TRANSPORT_GRPC, CallObserver, CallRecorder
 from grant_broker.core.operations.gntdev import MAX_COPY_SEGMENTS
 from grant_broker.core.policy import Limits
 from grant_broker.core.registry import SessionRegistry
@@ -137,40 +142,53 @@ async def deliver(session: Session, reply: Reply[Any]) -> Message:
     return message
 
 
-def _unary_handler(gate: "_Gate", route: Route) -> _Handler:
+def _unary_handler(gate: "_Gate", route: Route, recorder: CallRecorder) -> _Handler:
     operation = cast(UnaryOperation, route.operation)
     sends_fds = route.sends_fds
     name = f"{route.service}.{route.method}"
+    record = recorder.record
 
     # Served as request-streaming: grpc reads a unary handler's request before
     # calling it, a request-streaming one's only when it asks (see _Gate).
     async def handle(requests: object, context: _Context) -> Message:
+        started = perf_counter()
+        code = errno.ECANCELED  # unless it ends otherwise: the client (or the broker's shutdown) cancelled it
         try:
             session = gate.authenticate(route, context)
             if session is None:  # a session-optional call without one
                 message: Message = (await operation(None, await _read_request(route, context))).message
+                code = 0
                 return message
             with session.call_in_flight(name):
                 reply = await operation(session, await _read_request(route, context))
                 if sends_fds:
-                    return await deliver(session, reply)
-                message = reply.message
-                return message
+                    message = await deliver(session, reply)
+                else:
+                    message = reply.message
+            code = 0
+            return message
         except Exception as exc:  # noqa: BLE001 - mapped to a status, never swallowed
             if is_abort(exc):
                 raise
-            await abort(context, exc)
+            error = as_broker_error(exc)
+            code = error.errno
+            await abort(context, error)
+        finally:
+            record(code, perf_counter() - started)
 
     return grpc.stream_unary_rpc_method_handler(
         handle, request_deserializer=gate.deserializer(route), response_serializer=route.response_type.SerializeToString
     )
 
 
-def _stream_handler(gate: "_Gate", route: Route) -> _Handler:
+def _stream_handler(gate: "_Gate", route: Route, recorder: CallRecorder) -> _Handler:
     operation = cast(StreamOperation, route.operation)
     name = f"{route.service}.{route.method}"
+    record = recorder.record
 
     async def handle(requests: object, context: _Context) -> AsyncIterator[Message]:
+        started = perf_counter()
+        code = errno.ECANCELED  # unless it ends otherwise: the client (or the broker's shutdown) cancelled it
         try:
             session = gate.authenticate(route, context)
             # A call in flight while its request is read; then the stream
@@ -182,10 +200,15 @@ def _stream_handler(gate: "_Gate", route: Route) -> _Handler:
                     request = await _read_request(route, context)
             async for message in operation(session, request):
                 yield message
+            code = 0
         except Exception as exc:  # noqa: BLE001 - mapped to a status, never swallowed
             if is_abort(exc):
                 raise
-            await abort(context, exc)
+            error = as_broker_error(exc)
+            code = error.errno
+            await abort(context, error)
+        finally:
+            record(code, perf_counter() - started)
 
     return grpc.stream_stream_rpc_method_handler(
         handle, request_deserializer=gate.deserializer(route), response_serializer=route.response_type.SerializeToString
@@ -200,13 +223,17 @@ async def _read_request(route: Route, context: _Context) -> Message:
     return request
 
 
-def generic_handlers(registry: SessionRegistry, routes: Iterable[Route]) -> list[grpc.GenericRpcHandler]:
-    """One generic handler per service, serving every route of that service."""
+def generic_handlers(
+    registry: SessionRegistry, routes: Iterable[Route], observer: CallObserver = NO_OBSERVER
+) -> list[grpc.GenericRpcHandler]:
+    """One generic handler per service, serving every route of that service;
+    each call is reported to *observer*'s recorder of its method."""
     gate = _Gate(registry)
     by_service: dict[str, dict[str, _Handler]] = {}
     for route in routes:
         make = _stream_handler if route.streaming else _unary_handler
-        by_service.setdefault(route.service, {})[route.method] = make(gate, route)
+        recorder = observer.recorder(route.service, route.method, TRANSPORT_GRPC)
+        by_service.setdefault(route.service, {})[route.method] = make(gate, route, recorder)
     return [
         grpc.method_handlers_generic_handler(SERVICES[service].full_name, methods) for service, methods in by_service.items()
     ]
