@@ -214,13 +214,13 @@ def wrap_broker(light: bool = False) -> None:
     _wrap_sync(emulated_gntdev._CopyRun, "copy", "dev.copy_run")
     original_init = fastpath.FastPath.__init__
 
-    def init(self: Any, session: Any, routes: Any, max_in_flight: int) -> None:
+    def init(self: Any, session: Any, routes: Any, *args: Any, **kwargs: Any) -> None:
         traced = {}
         for name, route in routes.items():
             if not route.streaming:
                 route = dataclasses.replace(route, operation=_traced_operation(route.operation))
             traced[name] = route
-        original_init(self, session, traced, max_in_flight)
+        original_init(self, session, traced, *args, **kwargs)
 
     fastpath.FastPath.__init__ = init  # type: ignore[method-assign]
 

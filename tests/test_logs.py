@@ -243,8 +243,8 @@ def test_log_format_goes_before_or_after_the_command(argv: list[str]) -> None:
     assert build_parser().parse_args(argv).log_format == "json"
 
 
-def test_the_defaults_are_text_and_audit_on_stderr() -> None:
+def test_the_defaults_are_text_and_no_audit() -> None:
     args = build_parser().parse_args(["serve"])
-    assert (args.log_format, args.audit) == ("text", "stderr")
+    assert (args.log_format, args.audit) == ("text", "off")
     assert build_parser().parse_args(["serve", "--audit", "off"]).audit == "off"
     assert build_parser().parse_args(["serve", "--audit", "/var/log/gb.jsonl"]).audit == "/var/log/gb.jsonl"

@@ -109,15 +109,17 @@ async def test_serve_audit_file_records_a_real_clients_map_and_unmap(short_tmp: 
     assert f"audit records go to {audit_path}" in broker.stderr()
 
 
-@pytest.mark.parametrize("audit", [None, "off"], ids=["default", "off"])
-async def test_audit_goes_to_stderr_unless_switched_off(short_tmp: Path, brokers: list[Broker], audit: str | None) -> None:
+@pytest.mark.parametrize("audit", ["stderr", "off", None], ids=["stderr", "off", "default"])
+async def test_audit_goes_to_stderr_when_asked_and_nowhere_by_default(
+    short_tmp: Path, brokers: list[Broker], audit: str | None
+) -> None:
     broker = Broker(short_tmp, "--log-format", "json", *(("--audit", audit) if audit else ()))
     brokers.append(broker)
     await share_map_unmap(broker.socket_path)
     broker.stop()
     lines = json_lines(broker.stderr())  # every line of stderr is JSON: the log's and the audit's
     audited = [line["event"] for line in lines if line["logger"] == "grant_broker.audit"]
-    if audit == "off":
+    if audit != "stderr":
         assert audited == []
     else:
         assert audited.count("session_opened") == 2 and "grants_mapped" in audited and "grants_unmapped" in audited
