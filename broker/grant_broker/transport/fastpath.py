@@ -96,6 +96,7 @@ class FastPath:
         # subscription budget: it takes no call slot, or a session's long-lived
         # streams would leave its calls (and its Cancel frames) unserved.
         if route is not None and route.streaming:
+            self._streams.add(call_id)  # from now on, so that a Cancel right behind it finds it
             self._launch(call, counted=False)
         elif self._unary_in_flight >= self._max_in_flight:
             self._waiting.append(call)
@@ -113,6 +114,7 @@ class FastPath:
 
     def _finished(self, call_id: int, counted: bool) -> None:
         self._calls.pop(call_id, None)
+        self._streams.discard(call_id)
         if not counted:
             return
         self._unary_in_flight -= 1
@@ -122,10 +124,12 @@ class FastPath:
                 self._session.channel.resume_reading()
 
     def cancel(self, call_id: int) -> None:
-        """The client ends a (streaming) call; an unknown id is ignored — the
-        call may have ended on its own meanwhile."""
+        """The client ends a stream; an unknown id is ignored — the stream may
+        have ended on its own meanwhile.  A unary call runs to its end: cut
+        short at an await, what it already got from a device (a descriptor
+        from a worker thread) would have no owner."""
         task = self._calls.get(call_id)
-        if task is not None:
+        if task is not None and call_id in self._streams:
             task.cancel()
 
     def end_streams(self) -> None:
