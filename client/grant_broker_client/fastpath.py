@@ -36,6 +36,8 @@ from grant_broker_protocol.v1.fdchannel_pb2 import Call, Cancel, FdFrame
 # broker's own, which count up from 1.
 _LOCAL_TRANSFER_IDS = 1 << 62
 
+_SUBSCRIBE_OPERATION = "evtchn subscribe"
+
 # Room in a Call frame besides the request itself (call id, method name, framing).
 _CALL_OVERHEAD = 256
 
@@ -137,10 +139,25 @@ class FastCalls:
         call_id = next(self._ids)
         stream = FastStream(self, call_id)
         self._streams[call_id] = stream
-        stream.sending = asyncio.ensure_future(
+        sending = asyncio.ensure_future(
             self._channel.send(FdFrame(call=Call(call_id=call_id, method=method, request=request.SerializeToString())))
         )
+        # A Call that never left ends its stream at once (the reader would
+        # otherwise wait for a reply that cannot come).
+        sending.add_done_callback(lambda done: self._sent(stream, done))
+        stream.sending = sending
         return stream
+
+    def _sent(self, stream: "FastStream", sending: "asyncio.Future[None]") -> None:
+        if sending.cancelled():
+            stream.fail(BrokerClientError(errno.ECANCELED, _SUBSCRIBE_OPERATION, "the subscription was not sent",
+                                          code=grpc.StatusCode.CANCELLED))
+            return
+        exc = sending.exception()
+        if exc is not None:
+            stream.fail(self._failure or BrokerClientError(
+                errno.EPIPE, _SUBSCRIBE_OPERATION, f"the subscription could not be sent: {exc}",
+                code=grpc.StatusCode.UNAVAILABLE))
 
     def _cancel(self, call_id: int) -> None:
         if call_id in self._streams and self._failure is None and not self._channel.closed:

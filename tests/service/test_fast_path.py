@@ -329,3 +329,12 @@ async def test_long_lived_streams_take_no_call_slots(broker: InProcessBroker) ->
         assert (await asyncio.wait_for(session.describe(), 5)).usage.subscriptions == 8
         for subscription in subscriptions:
             await asyncio.wait_for(subscription.close(), 5)
+
+
+async def test_a_subscription_whose_call_cannot_be_sent_fails_at_once(broker: InProcessBroker) -> None:
+    async with await grant_broker_client.connect(broker.socket_path, domid=SHARER) as session:
+        await session.evtchn.bind_unbound_port(MAPPER)
+        session._fd_channel.max_frame_bytes = 16  # noqa: SLF001 - no Call frame fits any more
+        with pytest.raises(BrokerClientError) as raised:
+            await asyncio.wait_for(session.evtchn.subscribe(), 5)
+        assert raised.value.errno == errno.EPIPE and "could not be sent" in raised.value.detail
