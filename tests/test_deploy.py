@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import tomllib
 from pathlib import Path
+
+import yaml
 
 from grant_broker.cli import build_parser
 
@@ -21,7 +24,36 @@ def test_systemd_unit_execstart_parses() -> None:
     (line,) = re.findall(r"^ExecStart=(.*)$", unit, flags=re.M)
     args = build_parser().parse_args(shlex.split(line)[1:])
     assert args.command == "serve"
-    assert args.socket == "/run/grant-broker/broker.sock"
+    socket = args.socket
+    if socket is None and args.config is not None:
+        # The configuration file it names is deploy/'s, installed there.
+        socket = tomllib.loads((DEPLOY / Path(args.config).name).read_text()).get("socket")
+    assert socket == "/run/grant-broker/broker.sock"
+
+
+def test_every_grant_broker_command_of_the_manifests_parses() -> None:
+    """Each container of the project's image runs ENTRYPOINT + args (or its own command), and each
+    exec probe runs a grant-broker command: every one is a command line the CLI takes."""
+    containerfile = (DEPLOY / "container" / "Containerfile").read_text()
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (.*)$", containerfile, flags=re.M).group(1))  # type: ignore[union-attr]
+    cmd = json.loads(re.search(r"^CMD (.*)$", containerfile, flags=re.M).group(1))  # type: ignore[union-attr]
+    checked = []
+    for manifest in sorted((DEPLOY / "kubernetes").glob("*.yaml")):
+        for document in yaml.safe_load_all(manifest.read_text()):
+            spec = document["spec"].get("template", {}).get("spec", document["spec"])
+            for container in spec.get("initContainers", []) + spec["containers"]:
+                if not container["image"].startswith("grant-broker:"):
+                    continue
+                argv = container.get("command", entrypoint) + container.get("args", [] if "command" in container else cmd)
+                assert argv[0] == "grant-broker", f"{manifest.name}: {container['name']} runs {argv}"
+                build_parser().parse_args(argv[1:])
+                checked.append(argv)
+                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    if (command := container.get(probe, {}).get("exec", {}).get("command")) is not None:
+                        assert command[0] == "grant-broker", f"{manifest.name}: {container['name']} {probe}: {command}"
+                        assert build_parser().parse_args(command[1:]).command == "health", f"{probe}: a cheap health check"
+                        checked.append(command)
+    assert checked
 
 
 def test_container_entrypoint_and_cmd_parse() -> None:
@@ -34,10 +66,13 @@ def test_container_entrypoint_and_cmd_parse() -> None:
 
 def test_daemonset_args_and_probe_parse() -> None:
     manifest = (DEPLOY / "kubernetes" / "daemonset.yaml").read_text()
-    args = json.loads(re.search(r"^\s+args: (\[.*\])$", manifest, flags=re.M).group(1))  # type: ignore[union-attr]
-    assert build_parser().parse_args(args).command == "serve"
-    probe = json.loads(re.search(r"command: (\[.*\])$", manifest, flags=re.M).group(1))  # type: ignore[union-attr]
-    assert build_parser().parse_args(probe[1:]).command == "status"
+    # The broker's container, then the device plugin's (the same image: its ENTRYPOINT's --socket first).
+    args = [json.loads(found) for found in re.findall(r"^\s+args: (\[.*\])$", manifest, flags=re.M)]
+    assert [build_parser().parse_args(["--socket", "/run/grant-broker/broker.sock", *each]).command for each in args] == \
+        ["serve", "device-plugin"]
+    probes = [json.loads(found) for found in re.findall(r"command: (\[.*\])$", manifest, flags=re.M)]
+    assert probes
+    assert {build_parser().parse_args(probe[1:]).command for probe in probes} == {"health"}
 
 
 def test_systemd_unit_documentation_is_installed_from_the_repository() -> None:

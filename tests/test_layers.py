@@ -26,6 +26,8 @@ BROKER_LAYERS = (
     "grant_broker.core",
     "grant_broker.transport",
     "grant_broker.daemon",
+    # A process of its own beside the daemon (grant-broker device-plugin): see the rule below.
+    "grant_broker.deviceplugin",
     "grant_broker.cli",
 )
 
@@ -36,8 +38,8 @@ def _modules() -> Iterator[tuple[str, Path]]:
             relative = path.relative_to(root).with_suffix("")
             parts = relative.parts[:-1] if relative.name == "__init__" else relative.parts
             name = ".".join(parts)
-            if ".v1." in f"{name}." and name.split(".")[-1].endswith(("_pb2", "_pb2_grpc")):
-                continue  # generated
+            if name.split(".")[-1].endswith(("_pb2", "_pb2_grpc")):
+                continue  # generated from proto/ by the build
             yield name, path
 
 
@@ -125,6 +127,17 @@ def test_only_the_daemon_imports_the_metrics_library(name: str) -> None:
     # The core reports calls through core/observe.py; the daemon keeps and serves the metrics.
     found = sorted(imported for imported in _imports(name, MODULES[name]) if _within(imported, "prometheus_client"))
     assert not found, f"{name} imports {found}: metrics belong to the daemon (grant_broker.daemon.metrics)"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if _within(n, "grant_broker.deviceplugin")))
+def test_the_device_plugin_reaches_the_broker_only_over_its_socket(name: str) -> None:
+    # It runs as a process of its own (a second container): the broker is a gRPC health server to it.
+    broker = sorted(
+        imported
+        for imported in _imports(name, MODULES[name])
+        if _within(imported, "grant_broker") and not _within(imported, "grant_broker.deviceplugin")
+    )
+    assert not broker, f"{name} imports the broker's own modules: {broker}"
 
 
 def test_the_rule_catches_an_upward_import(tmp_path: Path) -> None:

@@ -34,7 +34,10 @@ from packaging.requirements import Requirement
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The broker's version; the SDK distribution must carry the same.
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-PROTOS = sorted(p.relative_to(ROOT / "proto").as_posix() for p in (ROOT / "proto").rglob("*.proto"))
+# The protocol both sides share (proto/grant_broker_protocol/), and kubelet's device-plugin API,
+# which only the broker's distribution generates (proto/grant_broker/deviceplugin/).
+PROTOS = sorted(p.relative_to(ROOT / "proto").as_posix() for p in (ROOT / "proto" / "grant_broker_protocol").rglob("*.proto"))
+BROKER_PROTOS = sorted(p.relative_to(ROOT / "proto").as_posix() for p in (ROOT / "proto" / "grant_broker").rglob("*.proto"))
 GENERATED = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 # Generous: the first build downloads the build requirements (grpcio-tools, ...).
@@ -107,9 +110,14 @@ def _metadata(dist: Dist) -> email.message.Message:
         return email.parser.Parser().parsestr(wheel.read(name).decode())
 
 
-def _expected_generated(package_dir: str = "grant_broker_protocol") -> set[str]:
+def _expected_generated(package_dir: str = "grant_broker_protocol", protos: list[str] = PROTOS) -> set[str]:
     # proto/grant_broker_protocol/v1/x.proto -> grant_broker_protocol/v1/x_pb2.py, ...
-    return {f"{package_dir}{p.removeprefix('grant_broker_protocol').removesuffix('.proto')}{s}" for p in PROTOS for s in GENERATED}
+    return {f"{package_dir}{p.removeprefix('grant_broker_protocol').removesuffix('.proto')}{s}" for p in protos for s in GENERATED}
+
+
+def _expected_broker_generated() -> set[str]:
+    # proto/grant_broker/deviceplugin/v1beta1/api.proto -> grant_broker/deviceplugin/v1beta1/api_pb2.py, ...
+    return {f"{p.removesuffix('.proto')}{s}" for p in BROKER_PROTOS for s in GENERATED}
 
 
 @pytest.mark.parametrize("name", ["broker", "client"])
@@ -117,6 +125,9 @@ def test_sdist_carries_the_protos_and_no_generated_modules(dists: dict[str, Dist
     names = _sdist_names(dists[name])
     assert PROTOS, "the repository has no .proto files"
     assert {f"proto/{p}" for p in PROTOS} <= names
+    assert BROKER_PROTOS, "kubelet's device-plugin API is missing from proto/grant_broker/"
+    carried = {f"proto/{p}" for p in BROKER_PROTOS} & names
+    assert carried == ({f"proto/{p}" for p in BROKER_PROTOS} if name == "broker" else set())
     build_module = "client/grant_broker_protocol_build.py" if name == "broker" else "grant_broker_protocol_build.py"
     assert build_module in names
     assert not [n for n in names if n.endswith(GENERATED)]
@@ -126,6 +137,8 @@ def test_sdist_carries_the_protos_and_no_generated_modules(dists: dict[str, Dist
 def test_wheel_built_from_the_sdist_has_generated_modules_and_stubs(dists: dict[str, Dist], name: str) -> None:
     names = _wheel_names(dists[name])
     assert _expected_generated() <= names, sorted(_expected_generated() - names)
+    if name == "broker":
+        assert _expected_broker_generated() <= names, sorted(_expected_broker_generated() - names)
     assert "grant_broker_client/py.typed" in names
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     expected = {"grant_broker_client", "grant_broker_protocol"} | ({"grant_broker"} if name == "broker" else set())

@@ -426,11 +426,13 @@ def test_read_of_an_overflowed_ring_is_efbig(monkeypatch: pytest.MonkeyPatch, ev
 # --------------------------------------------------------------------------- domain id and capabilities
 
 
-def _devices(tmp_path, *, control_d: bool) -> XenDevices:
+def _devices(tmp_path, *, control_d: bool, guest_type: str = "PV") -> XenDevices:
     caps = tmp_path / "capabilities"
     caps.write_text("control_d\n" if control_d else "\n")
+    guest = tmp_path / "guest_type"
+    guest.write_text(guest_type + "\n")
     return XenDevices(gntdev=os.devnull, gntalloc=os.devnull, evtchn=os.devnull,
-                      membuf=str(tmp_path / "no-membuf"), xen_capabilities=str(caps))
+                      membuf=str(tmp_path / "no-membuf"), xen_capabilities=str(caps), guest_type=str(guest))
 
 
 def _domain(kernel: FakeKernel, own: int) -> None:
@@ -493,6 +495,39 @@ def test_capabilities_when_the_ioctls_exist(kernel: FakeKernel, tmp_path, fd_bas
     assert (caps.dmabuf, caps.set_max_grants, caps.grant_copy) == (True, True, True)
     wait = next(c for c in kernel.calls if c.request == G.IOCTL_GNTDEV_DMABUF_EXP_WAIT_RELEASED)
     assert wait.data == struct.pack("=II", 0xFFFF_FFFF, 0)
+
+
+def test_dmabuf_without_kernel_support_is_unavailable_both_ways_with_the_reason(
+    kernel: FakeKernel, tmp_path, fd_baseline: None
+) -> None:
+    kernel.answers[G.IOCTL_GNTDEV_DMABUF_EXP_WAIT_RELEASED] = fails(errno.ENOTTY)
+    caps = xen_backend.probe_capabilities(_devices(tmp_path, control_d=True, guest_type="PVH"))
+    assert (caps.dmabuf, caps.dmabuf_export, caps.dmabuf_import) == (False, False, False)
+    assert caps.dmabuf_export_missing == caps.dmabuf_import_missing == xen_backend.DMABUF_NO_KERNEL_SUPPORT
+    assert "CONFIG_XEN_GNTDEV_DMABUF" in caps.dmabuf_export_missing
+    assert f"dma-buf export and import unavailable: {xen_backend.DMABUF_NO_KERNEL_SUPPORT}" in caps.notes
+
+
+def test_dmabuf_in_a_pv_domain_imports_but_refuses_export_with_the_reason(
+    kernel: FakeKernel, tmp_path, fd_baseline: None
+) -> None:
+    kernel.answers[G.IOCTL_GNTDEV_DMABUF_EXP_WAIT_RELEASED] = fails(errno.ENOENT)
+    caps = xen_backend.probe_capabilities(_devices(tmp_path, control_d=True, guest_type="PV"))
+    assert (caps.dmabuf, caps.dmabuf_export, caps.dmabuf_import) == (True, False, True)
+    assert caps.dmabuf_export_missing == xen_backend.DMABUF_EXPORT_REFUSED_IN_PV
+    assert caps.dmabuf_import_missing == ""
+    assert f"dma-buf export unavailable: {xen_backend.DMABUF_EXPORT_REFUSED_IN_PV}" in caps.notes
+
+
+@pytest.mark.parametrize("guest_type", ["PVH", "HVM"])
+def test_dmabuf_in_an_auto_translated_domain_works_both_ways(
+    kernel: FakeKernel, tmp_path, fd_baseline: None, guest_type: str
+) -> None:
+    kernel.answers[G.IOCTL_GNTDEV_DMABUF_EXP_WAIT_RELEASED] = fails(errno.ENOENT)
+    caps = xen_backend.probe_capabilities(_devices(tmp_path, control_d=False, guest_type=guest_type))
+    assert (caps.dmabuf_export, caps.dmabuf_import) == (True, True)
+    assert (caps.dmabuf_export_missing, caps.dmabuf_import_missing) == ("", "")
+    assert not any("dma-buf" in note for note in caps.notes)
 
 
 def test_old_kernel_without_grant_copy(kernel: FakeKernel, tmp_path, fd_baseline: None) -> None:

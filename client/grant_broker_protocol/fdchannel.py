@@ -476,5 +476,13 @@ class FdChannel:
         self._unwatch("writer")
         self._sock.close()
 
+    def shutdown(self) -> None:
+        """End the connection both ways without closing the descriptor: the
+        peer sees the channel end, and so does this side's reader (its
+        *on_end* gets ChannelClosed), as when the peer goes away.  Whoever
+        reads the channel then tears it down by its usual path."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
 
 _HUNG_UP = select.POLLHUP | select.POLLRDHUP | select.POLLERR | select.POLLNVAL

@@ -98,3 +98,21 @@ async def test_close_session_releases_the_session_and_forgets_its_token(core: Co
 
 def test_sessions_of_one_registry_share_its_event_hub(core: Core) -> None:
     assert core.registered().event_hub is core.registered().event_hub is core.registry.event_hub
+
+
+def test_reconfigure_narrows_the_admission_of_new_sessions(core: Core) -> None:
+    registry = core.new_registry(Policy())
+    core.registered(registry, uid=4242)
+    registry.reconfigure(policy=Policy(allowed_uids=frozenset({4343})))
+    with pytest.raises(BrokerError) as raised:
+        core.registered(registry, uid=4242)
+    assert raised.value.errno == errno.EPERM
+
+
+def test_reconfigure_gives_live_sessions_the_new_policy_and_limits_and_keeps_them_open(core: Core) -> None:
+    registry = core.new_registry(Policy(), Limits(max_ports_per_uid=10))
+    session = core.registered(registry, uid=4242)
+    policy, limits = Policy(admin_uids=frozenset({4242})), Limits(max_ports_per_uid=3)
+    registry.reconfigure(policy=policy, limits=limits)
+    assert registry.sessions == [session] and session.connected()
+    assert (session.policy, session.limits, session.user.limits) == (policy, limits, limits)

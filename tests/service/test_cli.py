@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from grant_broker.cli import build_parser
+from grant_broker.cli import build_parser, serve_configuration
 
 from .conftest import BrokerProcess
 
@@ -20,6 +20,7 @@ from .conftest import BrokerProcess
 COMMANDS: dict[str, list[str]] = {
     "serve": [],
     "status": [],
+    "health": [],
     "share": ["--to-domain", "2"],
     "map": ["--domain", "1", "--ref", "8"],
     "watch": ["--remote-domain", "1"],
@@ -170,7 +171,7 @@ def test_share_then_map_shows_the_shared_text(broker_process: BrokerProcess) -> 
 
 def test_map_of_an_ungranted_ref_explains_and_fails(broker_process: BrokerProcess) -> None:
     result = cli(broker_process, "map", "--domain", "1", "--ref", "4000")
-    assert result.returncode == 1
+    assert result.returncode == 2  # bad input
     assert "EINVAL" in result.stderr and "ref 4000 of domain 1" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -197,7 +198,7 @@ def test_commands_without_a_broker_say_so(tmp_path: Path) -> None:
         text=True,
         timeout=30,
     )
-    assert result.returncode == 1
+    assert result.returncode == 3  # broker unreachable
     assert "no broker answers" in result.stderr
 
 
@@ -264,7 +265,7 @@ def json_error(result: subprocess.CompletedProcess[str], *, after_logs: bool = F
 
 def test_a_refusal_with_json_is_one_json_object_on_stderr(broker_process: BrokerProcess) -> None:
     result = cli(broker_process, "map", "--domain", "1", "--ref", "4000", "--json")
-    assert result.returncode == 1
+    assert result.returncode == 2  # bad input
     error = json_error(result)
     assert (error["command"], error["errno"], error["errno_name"], error["grpc_code"]) == (
         "map", errno.EINVAL, "EINVAL", "INVALID_ARGUMENT")
@@ -272,7 +273,8 @@ def test_a_refusal_with_json_is_one_json_object_on_stderr(broker_process: Broker
     assert "ref 4000 of domain 1" in str(error["detail"]) and "ref 4000 of domain 1" in str(error["message"])
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if c != "serve"])
+# health answers UNREACHABLE as its result, on stdout (tests/deploy/test_health_command.py).
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c not in ("serve", "health")])
 def test_no_broker_with_json_is_one_json_object_on_stderr(command: str, short_tmp: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "grant_broker.cli", command, *COMMANDS[command],
@@ -281,7 +283,7 @@ def test_no_broker_with_json_is_one_json_object_on_stderr(command: str, short_tm
         text=True,
         timeout=30,
     )
-    assert result.returncode == 1
+    assert result.returncode == 3  # broker unreachable
     error = json_error(result)
     assert error["command"] == command and error["grpc_code"] == "UNAVAILABLE"
     assert error["errno_name"] in ("ECONNREFUSED", "ENOENT") and "none.sock" in str(error["message"])
@@ -315,8 +317,11 @@ def test_limit_sets_any_budget_and_status_view_defaults_to_own() -> None:
         ["serve", "--limit", "max_pool_pages_per_uid=1024", "--limit", "fd_transfer_expiry_seconds=2.5"]
     )
     assert args.limit == [("max_pool_pages_per_uid", 1024), ("fd_transfer_expiry_seconds", 2.5)]
-    assert args.status_view == "own"
-    assert build_parser().parse_args(["serve", "--status-view", "all"]).status_view == "all"
+    limits = serve_configuration(args).server.limits
+    assert (limits.max_pool_pages_per_uid, limits.fd_transfer_expiry_seconds) == (1024, 2.5)
+    assert serve_configuration(args).server.status_view == "own"
+    all_view = build_parser().parse_args(["serve", "--status-view", "all"])
+    assert serve_configuration(all_view).server.status_view == "all"
 
 
 @pytest.mark.parametrize(

@@ -16,13 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
-import tempfile
-import textwrap
-import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 
 import pytest
 
@@ -31,100 +24,12 @@ from grant_broker.uapi.gntdev import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_
 from grant_broker_protocol.v1 import broker_pb2
 from grant_broker_client.evtchn import PortFired
 from grant_broker_client.gntdev import CopySegment, Foreign, Local
+from dom0_helpers import QUIET_PERIOD, STEP_TIMEOUT, Broker, Child
 
 pytestmark = [
     pytest.mark.xen,
     pytest.mark.skipif(not os.path.exists("/dev/xen/gntdev"), reason="needs a real Xen (dom0): no /dev/xen/gntdev here"),
 ]
-
-# Python under QEMU's software emulation is 15-25x slower, and its start-up
-# over 9p (import grpc) takes seconds: steps get generous bounds.
-BROKER_START_TIMEOUT = 180
-STEP_TIMEOUT = 120
-QUIET_PERIOD = 1.0
-
-
-@dataclass
-class Broker:
-    socket_path: str
-    process: subprocess.Popen[str]
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[Broker]:
-    """``grant-broker serve --backend xen`` for the whole module (it is slow to start here)."""
-    with tempfile.TemporaryDirectory(prefix="gb-") as directory:
-        socket_path = os.path.join(directory, "broker.sock")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "grant_broker.cli", "--socket", socket_path, "serve", "--backend", "xen", "--grace", "1"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        try:
-            deadline = time.monotonic() + BROKER_START_TIMEOUT
-            while not (os.path.exists(socket_path) and os.path.exists(socket_path + ".fds")):
-                if process.poll() is not None:
-                    raise RuntimeError(f"the broker exited with {process.returncode}: {process.stdout.read() if process.stdout else ''}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the broker did not start within {BROKER_START_TIMEOUT} s")
-                time.sleep(0.1)
-            yield Broker(socket_path, process)
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-            output = process.stdout.read() if process.stdout else ""
-            if process.stdout:
-                process.stdout.close()
-            if process.returncode not in (0, -signal.SIGTERM):
-                print(output)  # shown with the failure
-
-
-class Child:
-    """A client process; ``say``/``expect`` exchange lines with it."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-
-    @classmethod
-    async def start(cls, script: str, *args: str, pass_fds: tuple[int, ...] = ()) -> Child:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", textwrap.dedent(script), *args,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=pass_fds,
-        )
-        return cls(process)
-
-    async def expect(self, prefix: str) -> str:
-        assert self.process.stdout is not None
-        line = (await asyncio.wait_for(self.process.stdout.readline(), STEP_TIMEOUT)).decode().strip()
-        if not line.startswith(prefix):
-            raise AssertionError(f"child said {line!r}, expected {prefix!r}")
-        return line[len(prefix) :].strip()
-
-    async def say(self, line: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(line.encode() + b"\n")
-        await self.process.stdin.drain()
-
-    async def finish(self) -> int:
-        if self.process.returncode is None and self.process.stdin is not None:
-            self.process.stdin.close()
-        return await asyncio.wait_for(self.process.wait(), STEP_TIMEOUT)
-
-
-@pytest.fixture
-async def children() -> AsyncIterator[list[Child]]:
-    started: list[Child] = []
-    yield started
-    for child in started:
-        if child.process.returncode is None:
-            child.process.kill()
-        await child.process.wait()
-    await asyncio.sleep(0)
-
 
 MAPPER_SCRIPT = """
     import asyncio, sys
@@ -155,7 +60,14 @@ async def test_two_processes_share_a_page_and_the_unmap_notify_arrives_on_a_stre
     async with await grant_broker_client.connect(broker.socket_path, client_name="sharer") as sharer:
         info = await sharer.describe()
         assert info.capabilities.backend == "xen"
-        assert not info.capabilities.dmabuf  # Debian's kernel: ENOTTY, probed
+        caps = info.capabilities
+        # A PV dom0 never exports a dma-buf, and the broker says why (with the
+        # stock module because the kernel has no support, else because it is PV).
+        assert not caps.dmabuf_export and caps.dmabuf_export_missing
+        assert caps.dmabuf_import == caps.dmabuf
+        if os.environ.get("GRANT_BROKER_TEST_GNTDEV_DMABUF") == "1":  # tests/xen/dom0-suite loaded the dma-buf module
+            assert caps.dmabuf_import and caps.dmabuf_import_missing == ""
+            assert "PV domain" in caps.dmabuf_export_missing
         domid = info.domid  # the broker's own domain: 0 in dom0
         async with await sharer.gntalloc.share(domid, 1) as pages:
             pages.view[0:11] = b"from sharer"

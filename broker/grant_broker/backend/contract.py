@@ -140,13 +140,21 @@ class Capabilities:
     gntalloc: bool
     evtchn: bool
     grant_copy: bool
+    # The kernel's gntdev has the dma-buf ioctls.  Whether each direction
+    # works here is ``dmabuf_export`` / ``dmabuf_import``: a PV domain has
+    # the ioctls but refuses export.
     dmabuf: bool
+    dmabuf_export: bool  # grants made into a dma-buf (DmabufExportFromRefs)
+    dmabuf_import: bool  # a dma-buf's pages granted to a domain (DmabufImportToRefs)
     set_max_grants: bool
     membuf_abi: MemBufAbi | None
     # The emulated hypervisor lets a caller act as any domain; a real one has
     # exactly one: the domain the broker runs in.
     any_domain: bool
     notes: tuple[str, ...] = field(default=())
+    # Why a dma-buf direction is unavailable ("" when it is available).
+    dmabuf_export_missing: str = ""
+    dmabuf_import_missing: str = ""
 
 
 # --------------------------------------------------------------------------- base
@@ -278,7 +286,8 @@ class GntdevInstance(_Closeable):
 
         Raises:
             ENOTTY: the kernel has no gntdev dma-buf support (capability ``dmabuf``).
-            EINVAL: no refs, bad flags, a bad grant.
+            EINVAL: no refs, bad flags, a bad grant; or a domain that refuses
+                export (a PV one: capability ``dmabuf_export`` false).
         """
 
     @abc.abstractmethod

@@ -35,7 +35,16 @@ and the event's own under ``audit`` — the operation, and what it names:
   another domain (gntalloc, a dma-buf import) and revoked: ``remote_domain``,
   ``refs``, ``index`` or ``dmabuf_id``;
 * ``port_bound`` / ``port_unbound`` — ``port``, and ``remote_domain`` /
-  ``remote_port`` or ``virq``.
+  ``remote_port`` or ``virq``;
+* ``admin_action`` / ``admin_refused`` — a call on the remote admin listener
+  (:mod:`grant_broker.core.admin`) made, or refused for want of rights (an
+  identity the policy does not name, an operation its rights do not cover).
+  Instead of a session's identity, the caller's: ``admin_identity`` (the
+  certificate name the policy matched; ``null`` for none), ``certificate_names``
+  and ``peer`` (its address); then ``operation`` (``Status``, ``ReleaseSession``,
+  ...), what it named (``session_id``, ``deadline_seconds``, ``limits``) and
+  its ``outcome`` (``ok`` or the errno's name, and ``reason``).  A session
+  released by an administrator has its own ``session_closed`` record as well.
 
 Grant copies, notifications and unmasks are not recorded: they hold nothing.
 """
@@ -79,6 +88,8 @@ EVENTS = (
     "grants_unshared",
     "port_bound",
     "port_unbound",
+    "admin_action",
+    "admin_refused",
 )
 
 _INFO = logging.INFO
@@ -256,3 +267,23 @@ def port_bound(
 def port_unbound(session: Session, operation: str, port: int) -> None:
     if audit_log.isEnabledFor(_INFO):
         _emit("port_unbound", session.log_fields, {"operation": operation, "port": port})
+
+
+# ---------------------------------------------------------------- the remote administrator
+
+
+def admin_action(caller: dict[str, object], operation: str, fields: dict[str, object], error: BrokerError | None = None) -> None:
+    """An administrator's call (*caller*: ``admin_identity``, ``certificate_names``,
+    ``peer``) and its outcome: done, or failed with *error*."""
+    if audit_log.isEnabledFor(_INFO):
+        outcome: dict[str, object] = {"outcome": "ok"} if error is None else {
+            "outcome": error.errno_name, "reason": error.detail or error.strerror
+        }
+        _emit("admin_action", caller, {"operation": operation, **fields, **outcome})
+
+
+def admin_refused(caller: dict[str, object], operation: str, exc: BrokerError) -> BrokerError:
+    """A call on the admin listener refused for want of rights; returns *exc*."""
+    if audit_log.isEnabledFor(_INFO):
+        _emit("admin_refused", caller, {"operation": operation, "errno": exc.errno_name, "reason": exc.detail or exc.strerror})
+    return exc

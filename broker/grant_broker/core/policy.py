@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -50,6 +51,46 @@ class Limits:
     # Fast-path calls of one session served at once; beyond it the broker
     # stops reading the session's connection until one ends.
     max_fast_calls_in_flight: int = 256
+
+
+ADMIN_RIGHTS: tuple[str, ...] = ("view", "release", "drain", "limits")
+"""What an administrator on the remote admin listener may do (``Policy.admin_identities``):
+``view`` — the status, a session, the metrics; ``release`` — force-release a
+session; ``drain`` — drain the broker; ``limits`` — change limits and budgets."""
+ALL_ADMIN_RIGHTS = "all"
+"""Written instead of the rights: every one of :data:`ADMIN_RIGHTS`."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdminIdentity:
+    """A client certificate's identity on the remote admin listener and the
+    rights (:data:`ADMIN_RIGHTS`) it has.  *identity* is compared, exactly,
+    with each name the certificate carries: its subject's common name, its
+    whole subject (``CN=ops,O=Example``, as gRPC spells it) and each subject
+    alternative name (DNS name, URI such as a SPIFFE ID, e-mail, IP address).
+    Written ``IDENTITY=RIGHT[,RIGHT...]`` on the command line: :meth:`parse`."""
+
+    identity: str
+    rights: frozenset[str]
+
+    @classmethod
+    def parse(cls, text: str) -> "AdminIdentity":
+        """``ops.example.org=view,release`` or ``spiffe://example.org/ops=all``
+        (the last ``=`` separates the rights).
+
+        Raises:
+            ValueError: anything else (the message says what is expected).
+        """
+        identity, equals, listed = text.rpartition("=")
+        rights = frozenset(right.strip() for right in listed.split(",") if right.strip())
+        known = (*ADMIN_RIGHTS, ALL_ADMIN_RIGHTS)
+        if not equals or not identity or not rights or not rights <= set(known):
+            raise ValueError(
+                f"{text!r}: expected IDENTITY=RIGHT[,RIGHT...] with rights among {', '.join(known)}, e.g. ops.example.org=view,drain"
+            )
+        if ALL_ADMIN_RIGHTS in rights:
+            rights = frozenset(ADMIN_RIGHTS)
+        return cls(identity, rights)
 
 
 ActAs = Literal["owned", "granted", "any"]
@@ -145,6 +186,8 @@ class Policy:
     remote_vmids: tuple[DomainGrant, ...] = ()
     act_as: ActAs = "any"
     owner_uid: int = field(default_factory=os.geteuid)
+    # Certificate identities of the remote admin listener and their rights (AdminIdentity).
+    admin_identities: tuple[AdminIdentity, ...] = ()
 
     def __post_init__(self) -> None:
         if self.act_as not in ACT_AS_MODES:
@@ -157,6 +200,16 @@ class Policy:
 
     def is_admin(self, creds: PeerCredentials) -> bool:
         return creds.uid in self.admin_uids
+
+    def admin_rights(self, names: Iterable[str]) -> tuple[str, frozenset[str]] | None:
+        """The identity among a client certificate's *names* that
+        ``admin_identities`` names, and its rights (the union, should several
+        be named); None: the certificate is nobody's here."""
+        wanted = set(names)
+        matched = [grant for grant in self.admin_identities if grant.identity in wanted]
+        if not matched:
+            return None
+        return matched[0].identity, frozenset().union(*(grant.rights for grant in matched))
 
     # ------------------------------------------------------------ domains (§5)
 

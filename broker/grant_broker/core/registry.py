@@ -50,6 +50,8 @@ class SessionRegistry:
         self._users: dict[int, UserBudget] = {}
         # Who first acted as which domain and VMID (issue 14 §5; core/policy.py).
         self.domain_owners = DomainOwners()
+        # Set by a drain (core/admin.py): new sessions are refused, with this reason.
+        self.draining: str | None = None
 
     @property
     def sessions(self) -> list[Session]:
@@ -77,6 +79,9 @@ class SessionRegistry:
         self, channel: FdChannel, creds: PeerCredentials, client_name: str, domid: int | None, vmid: int | None
     ) -> Session:
         operation = "open session"
+        if self.draining is not None:
+            # EAGAIN (UNAVAILABLE): not the client's fault; another broker, or this one later, will do.
+            raise BrokerError(errno.EAGAIN, operation, f"the broker takes no new sessions: {self.draining}")
         if not self.policy.admits(creds):
             raise BrokerError(errno.EPERM, operation, f"uid {creds.uid} (pid {creds.pid}) is not allowed by the broker's policy")
         if len(self._sessions) >= self.limits.max_sessions:
@@ -111,6 +116,27 @@ class SessionRegistry:
             session.id, session.client_name, creds.pid, creds.uid, session.domid, extra=session.log_fields,
         )
         return session
+
+    def reconfigure(self, policy: Policy | None = None, limits: Limits | None = None) -> None:
+        """Apply a new *policy* and/or *limits* to the live sessions and to those to come.
+
+        Nothing held is taken back: a session over a lowered limit keeps what
+        it has and is refused more until it is under it again.  The policy
+        applies from each session's next call (its domain, checked at the
+        hello, stays what it was), and so do the limits, but for the bounds
+        of a session's pending descriptor transfers, which are set when the
+        session opens.  Used by reload (SIGHUP) and by the admin API's budget
+        changes."""
+        if policy is not None:
+            self.policy = policy
+            for session in self._sessions.values():
+                session.policy = policy
+        if limits is not None:
+            self.limits = limits
+            for session in self._sessions.values():
+                session.limits = limits
+            for user in self._users.values():
+                user.limits = limits
 
     def user_budget(self, uid: int) -> UserBudget | None:
         """What the live sessions of *uid* hold (``None``: it has none, and holds nothing)."""

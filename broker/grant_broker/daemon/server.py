@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -42,6 +43,9 @@ from grant_broker_protocol.fdchannel import FdChannel
 
 if TYPE_CHECKING:  # imported when the metrics are on (prometheus_client is not loaded otherwise)
     from grant_broker.daemon.metrics import BrokerMetrics
+if TYPE_CHECKING:  # imported when the admin listener is configured
+    from grant_broker.core.admin import DrainOutcome
+    from grant_broker.daemon.admin import AdminAddress, AdminListener
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +83,9 @@ class ServerConfig:
     socket_path: str
     backend: str = "auto"
     socket_mode: int = 0o660
+    # The group of the sockets (and of a unix: metrics socket), so that clients in it connect
+    # (``serve --socket-group``); None: the broker's own group.
+    socket_group: int | None = None
     grace_seconds: float = 5.0
     policy: Policy = field(default_factory=Policy)
     limits: Limits = field(default_factory=Limits)
@@ -91,6 +98,46 @@ class ServerConfig:
     # Where to serve the metrics (``serve --metrics``): "HOST:PORT", "[IPV6]:PORT",
     # ":PORT" (every interface) or "unix:PATH"; None: not served (daemon/metrics.py).
     metrics: str | None = None
+    # The remote admin listener (``serve --admin-listen``, daemon/admin.py): "HOST:PORT" or
+    # "[IPV6]:PORT", TLS only: the server's certificate and key and the CA of the clients'
+    # certificates (PEM files) are required with it.  Who may do what: policy.admin_identities.
+    admin_listen: str | None = None
+    admin_cert: str | None = None
+    admin_key: str | None = None
+    admin_client_ca: str | None = None
+
+
+RESTART_FIELDS = (
+    "socket_path", "backend", "socket_mode", "socket_group", "fast_path", "metrics",
+    "admin_listen", "admin_cert", "admin_key", "admin_client_ca",
+)
+"""What of a :class:`ServerConfig` a running broker cannot change (reload keeps these)."""
+
+
+def _admin_address(config: ServerConfig) -> AdminAddress | None:
+    """The admin listener's address, or None when there is none.
+
+    Raises:
+        BrokerError: EINVAL for an address that is not HOST:PORT, or a missing
+            certificate, key or client CA (the listener is TLS only).
+    """
+    if config.admin_listen is None:
+        return None
+    from grant_broker.daemon.admin import AdminAddress
+
+    try:
+        address = AdminAddress.parse(config.admin_listen)
+    except ValueError as exc:
+        raise BrokerError(errno.EINVAL, "admin listener", str(exc)) from None
+    missing = [option for option, value in (
+        ("--admin-cert", config.admin_cert), ("--admin-key", config.admin_key), ("--admin-client-ca", config.admin_client_ca),
+    ) if not value]
+    if missing:
+        raise BrokerError(
+            errno.EINVAL, "admin listener",
+            f"--admin-listen needs {', '.join(missing)}: the admin listener is TLS only, with client certificates",
+        )
+    return address
 
 
 def _prepare_socket_path(path: str) -> None:
@@ -119,6 +166,48 @@ def _prepare_socket_path(path: str) -> None:
             raise BrokerError(errno.EADDRINUSE, "listen", f"another broker is serving on {candidate}")
         finally:
             probe.close()
+
+
+def socket_group_id(value: object) -> int:
+    """``serve --socket-group`` / the ``socket_group`` key: a group name, or a numeric gid (an
+    integer or a string of digits; a gid the host does not name is taken as it is: in a container
+    the clients' group often has no name in the image).
+
+    Raises:
+        ValueError: neither a known group name nor a gid (the message says which).
+    """
+    import grp
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        gid = value
+    elif isinstance(value, str) and value.isdigit():
+        gid = int(value)
+    elif isinstance(value, str) and value:
+        try:
+            return grp.getgrnam(value).gr_gid
+        except KeyError:
+            raise ValueError(f"no group is named {value!r} on this host (give its numeric gid instead)") from None
+    else:
+        raise ValueError(f"expected a group name or a numeric gid, got {value!r}")
+    if not 0 <= gid < 2**32 - 1:
+        raise ValueError(f"{value!r} is not a gid")
+    return gid
+
+
+def _set_socket_access(path: str, mode: int, group: int | None) -> None:
+    """Give a socket its group (when one is set) and then its mode: connecting
+    takes write permission on the socket, so a client reaches it as its owner
+    (the broker's user), a member of its group, or anyone, as *mode* says."""
+    if group is not None:
+        try:
+            os.chown(path, -1, group)
+        except OSError as exc:
+            raise BrokerError(
+                exc.errno or errno.EPERM, "listen",
+                f"cannot give {path} to group {group}: {exc.strerror} (a broker not run as root can only "
+                f"give its sockets to a group it is a member of)",
+            ) from None
+    os.chmod(path, mode)
 
 
 def check_socket_directory(directory: str) -> None:
@@ -169,8 +258,11 @@ class BrokerServer:
         self._health = health.aio.HealthServicer()
         self.registry: SessionRegistry | None = None
         self.metrics: BrokerMetrics | None = None
+        # The remote admin listener, when configured (its ``address`` is where it listens).
+        self.admin_listener: AdminListener | None = None
         self._ending = False
         self._stopped = asyncio.Event()
+        self._status: BrokerStatus | None = None
 
     @property
     def capabilities(self) -> Capabilities:
@@ -187,13 +279,17 @@ class BrokerServer:
                 metrics_address = MetricsAddress.parse(config.metrics)
             except ValueError as exc:
                 raise BrokerError(errno.EINVAL, "metrics", str(exc)) from None
+        admin_address = _admin_address(config)
         _prepare_socket_path(config.socket_path)
         self._backend = choose_backend(config.backend)
         self.registry = SessionRegistry(self._backend.provider, config.policy, config.limits)
         status = BrokerStatus(self.registry, self._backend.capabilities, view=config.status_view)
+        self._status = status
         routes = build_routes(status, streams_ended=lambda: self._ending)
         observer: CallObserver = NO_OBSERVER
-        if metrics_address is not None:
+        if metrics_address is not None or admin_address is not None:  # (the admin listener gives a metrics snapshot)
+            from grant_broker.daemon.metrics import BrokerMetrics
+
             self.metrics = BrokerMetrics(
                 self.registry, backend=self._backend.capabilities.backend, gntalloc_pool=self._backend.gntalloc_pool
             )
@@ -205,16 +301,20 @@ class BrokerServer:
             server.add_insecure_port(f"unix:{config.socket_path}")
             await server.start()
             self._server = server
-            os.chmod(config.socket_path, config.socket_mode)
+            _set_socket_access(config.socket_path, config.socket_mode, config.socket_group)
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
             self._fd_listener = listener
             listener.bind(fd_channel_path(config.socket_path))
-            os.chmod(fd_channel_path(config.socket_path), config.socket_mode)
+            _set_socket_access(fd_channel_path(config.socket_path), config.socket_mode, config.socket_group)
             # Room for every session to reconnect at once (after a restart); the kernel caps it at somaxconn.
             listener.listen(max(256, config.limits.max_sessions))
             listener.setblocking(False)
+            if admin_address is not None:
+                await self._start_admin_listener(admin_address, status)
             if self.metrics is not None and metrics_address is not None:
                 await self.metrics.serve(metrics_address, socket_mode=config.socket_mode)
+                if metrics_address.path is not None:
+                    _set_socket_access(metrics_address.path, config.socket_mode, config.socket_group)
         except BaseException:
             await self._shutdown(grace=0)
             raise
@@ -280,6 +380,58 @@ class BrokerServer:
         )
         channel.close()
 
+    def reconfigure(self, new: ServerConfig) -> list[str]:
+        """Apply what of *new* a running broker can change — the policy, the
+        limits, the status view, the grace period — without touching a session.
+
+        Returns the names of the :data:`RESTART_FIELDS` that differ: those keep
+        their running values until the broker restarts."""
+        assert self.registry is not None and self._status is not None
+        old = self.config
+        needs_restart = [name for name in RESTART_FIELDS if getattr(new, name) != getattr(old, name)]
+        self.registry.reconfigure(policy=new.policy, limits=new.limits)
+        self._status.view = new.status_view
+        self.config = dataclasses.replace(new, **{name: getattr(old, name) for name in RESTART_FIELDS})
+        return needs_restart
+
+    async def _start_admin_listener(self, address: AdminAddress, status: BrokerStatus) -> None:
+        from grant_broker.core.admin import Administration
+        from grant_broker.daemon.admin import AdminListener, AdminTls
+
+        config = self.config
+        assert self.registry is not None and config.admin_cert and config.admin_key and config.admin_client_ca
+        metrics = self.metrics
+        snapshot = None
+        if metrics is not None:
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            def snapshot() -> tuple[str, bytes]:
+                return CONTENT_TYPE_LATEST, generate_latest(metrics.registry)
+
+        async def drain(deadline: float, release_at_deadline: bool) -> DrainOutcome:
+            return await self.drain(deadline, release_at_deadline=release_at_deadline)
+
+        admin = Administration(self.registry, status, metrics=snapshot, drain=drain)
+        tls = AdminTls(config.admin_cert, config.admin_key, config.admin_client_ca)
+        listener = AdminListener(admin, address, tls, self._health)
+        self.admin_listener = listener
+        await listener.start()
+
+    async def drain(self, deadline: float, *, release_at_deadline: bool = False) -> DrainOutcome:
+        """Stop taking sessions and wait for the live ones to end: health
+        NOT_SERVING (every service, and the overall status), new sessions
+        refused (EAGAIN, UNAVAILABLE), then up to *deadline* seconds for the
+        sessions to end; with *release_at_deadline*, those still there are
+        then released as if their clients had crashed.  The broker keeps
+        serving the sessions meanwhile, and stays up (NOT_SERVING) afterwards:
+        :meth:`stop` ends it.  Called by the admin API's Drain."""
+        from grant_broker.core.admin import drain_sessions
+
+        assert self.registry is not None
+        for name in ("", *self._service_names()):
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        return await drain_sessions(self.registry, deadline, release_at_deadline=release_at_deadline)
+
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: NOT_SERVING, drain calls within *grace*, release sessions."""
         await self._shutdown(self.config.grace_seconds if grace is None else grace)
@@ -290,6 +442,8 @@ class BrokerServer:
         self._stopped.set()
         with contextlib.suppress(Exception):
             await self._health.enter_graceful_shutdown()
+        if self.admin_listener is not None:
+            await self.admin_listener.close()
         if self.metrics is not None:
             await self.metrics.close()
         if self._accept_task is not None:

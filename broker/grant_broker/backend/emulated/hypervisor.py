@@ -305,6 +305,8 @@ class EmulatedBackend(Backend):
             evtchn=True,
             grant_copy=True,
             dmabuf=True,
+            dmabuf_export=True,
+            dmabuf_import=True,
             set_max_grants=True,
             membuf_abi=MemBufAbi.LEGACY_2020,
             any_domain=True,

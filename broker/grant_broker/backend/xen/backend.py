@@ -23,6 +23,13 @@ Capabilities are probed on a throw-away gntdev instance:
 * ``dmabuf``: ``IOCTL_GNTDEV_DMABUF_EXP_WAIT_RELEASED`` for an fd never
   exported: ENOTTY means the kernel lacks ``CONFIG_XEN_GNTDEV_DMABUF``
   (Debian's does), anything else (ENOENT) that it has it;
+* ``dmabuf_import``: the ioctls exist (import works in any kind of domain);
+* ``dmabuf_export``: the ioctls exist and the domain is not PV
+  (``/sys/hypervisor/guest_type``).  Linux's gntdev refuses export in a PV
+  domain by design (``use_ptemode``: EINVAL, whatever the arguments), and an
+  export probe would need a real grant to tell, so the guest type decides.
+  Each direction that is unavailable carries its reason
+  (``dmabuf_export_missing`` / ``dmabuf_import_missing``), also as a note;
 * ``set_max_grants``: ``IOCTL_GNTDEV_SET_MAX_GRANTS`` (ENOTTY on current
   Linux; the broker's own limits apply either way);
 * ``grant_copy``: ``IOCTL_GNTDEV_GRANT_COPY`` of no segments (Linux >= 4.8);
@@ -74,6 +81,7 @@ class XenDevices:
     evtchn: str = evtchn_uapi.DEVICE_PATH
     membuf: str = MEMBUF_PATH
     xen_capabilities: str = "/proc/xen/capabilities"
+    guest_type: str = "/sys/hypervisor/guest_type"
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,35 @@ def _membuf_abi(path: str, notes: list[str]) -> MemBufAbi | None:
     return abi
 
 
+# Why a dma-buf direction is unavailable, as Capabilities and the notes say it.
+DMABUF_NO_KERNEL_SUPPORT = (
+    "no kernel support: the gntdev dma-buf ioctls answer ENOTTY "
+    "(kernel built without CONFIG_XEN_GNTDEV_DMABUF, as Debian's is)"
+)
+DMABUF_EXPORT_REFUSED_IN_PV = (
+    "refused in a PV domain by design: Linux's gntdev maps grants through page tables there "
+    "(use_ptemode) and cannot hand them out as a dma-buf; export needs a PVH or HVM domain"
+)
+
+
+def _guest_type(path: str) -> str | None:
+    """``PV``, ``PVH`` or ``HVM`` as Linux reports it, or None when unknown."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as source:
+            return source.read().strip() or None
+    except OSError:
+        return None
+
+
+def _dmabuf_support(has_ioctls: bool, guest_type: str | None) -> tuple[str, str]:
+    """(export_missing, import_missing): why each direction is unavailable, "" when it is not."""
+    if not has_ioctls:
+        return DMABUF_NO_KERNEL_SUPPORT, DMABUF_NO_KERNEL_SUPPORT
+    if guest_type == "PV":
+        return DMABUF_EXPORT_REFUSED_IN_PV, ""
+    return "", ""
+
+
 def probe_capabilities(devices: XenDevices = XenDevices()) -> Capabilities:
     """Ask the kernel what it supports (see the module docstring)."""
     notes: list[str] = [
@@ -171,8 +208,14 @@ def probe_capabilities(devices: XenDevices = XenDevices()) -> Capabilities:
             gntdev_uapi.ioctl_gntdev_set_max_grants(count=_PROBE_MAX_GRANTS), "probe set max grants"))
         no_copy = _answers_enotty(lambda: ioctl(
             fd, gntdev_uapi.IOCTL_GNTDEV_GRANT_COPY, gntdev_uapi.ioctl_gntdev_grant_copy(count=0), "probe grant copy"))
-    if no_dmabuf:
-        notes.append("gntdev dma-buf ioctls answer ENOTTY (kernel without CONFIG_XEN_GNTDEV_DMABUF)")
+    export_missing, import_missing = _dmabuf_support(not no_dmabuf, _guest_type(devices.guest_type))
+    if export_missing and export_missing == import_missing:
+        notes.append(f"dma-buf export and import unavailable: {export_missing}")
+    else:
+        if export_missing:
+            notes.append(f"dma-buf export unavailable: {export_missing}")
+        if import_missing:
+            notes.append(f"dma-buf import unavailable: {import_missing}")
     if no_max_grants:
         notes.append("SET_MAX_GRANTS answers ENOTTY (current Linux); the broker's own limits apply")
     membuf_abi = _membuf_abi(devices.membuf, notes)
@@ -183,10 +226,14 @@ def probe_capabilities(devices: XenDevices = XenDevices()) -> Capabilities:
         evtchn=_usable(devices.evtchn),
         grant_copy=not no_copy,
         dmabuf=not no_dmabuf,
+        dmabuf_export=not export_missing,
+        dmabuf_import=not import_missing,
         set_max_grants=not no_max_grants,
         membuf_abi=membuf_abi,
         any_domain=False,
         notes=tuple(notes),
+        dmabuf_export_missing=export_missing,
+        dmabuf_import_missing=import_missing,
     )
 
 

@@ -22,6 +22,10 @@ def capabilities_message(capabilities: Capabilities) -> broker_pb2.Capabilities:
         evtchn=capabilities.evtchn,
         grant_copy=capabilities.grant_copy,
         dmabuf=capabilities.dmabuf,
+        dmabuf_export=capabilities.dmabuf_export,
+        dmabuf_import=capabilities.dmabuf_import,
+        dmabuf_export_missing=capabilities.dmabuf_export_missing,
+        dmabuf_import_missing=capabilities.dmabuf_import_missing,
         set_max_grants=capabilities.set_max_grants,
         membuf_abi=capabilities.membuf_abi.value if capabilities.membuf_abi else "",
         any_domain=capabilities.any_domain,
@@ -89,12 +93,16 @@ class BrokerStatus:
         return self.view == "all" or (session is not None and self.registry.policy.is_admin(session.creds))
 
     async def status(self, session: Session | None, request: broker_pb2.StatusRequest) -> Reply[broker_pb2.StatusResponse]:
-        sessions = sorted(self.registry.sessions, key=lambda s: s.id)
         full = self.sees_all(session)
+        return Reply(self.snapshot(full=full, uid=None if full or session is None else session.creds.uid))
+
+    def snapshot(self, *, full: bool, uid: int | None = None) -> broker_pb2.StatusResponse:
+        """The status: every session and the broker's descriptor count (*full*),
+        or only the sessions of *uid* (``None``: none)."""
+        sessions = sorted(self.registry.sessions, key=lambda s: s.id)
         if not full:
-            uid = None if session is None else session.creds.uid
             sessions = [s for s in sessions if s.creds.uid == uid]
-        return Reply(
+        return (
             broker_pb2.StatusResponse(
                 version=__version__,
                 capabilities=capabilities_message(self.capabilities),
