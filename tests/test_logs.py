@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from grant_broker.backend.contract import GrantRef
-from grant_broker.cli import build_parser
+from grant_broker.cli import build_parser, serve_configuration
 from grant_broker.core import audit
 from grant_broker.daemon import logs
 from grant_broker_protocol.errors import BrokerError
@@ -244,7 +244,9 @@ def test_log_format_goes_before_or_after_the_command(argv: list[str]) -> None:
 
 
 def test_the_defaults_are_text_and_no_audit() -> None:
-    args = build_parser().parse_args(["serve"])
-    assert (args.log_format, args.audit) == ("text", "off")
-    assert build_parser().parse_args(["serve", "--audit", "off"]).audit == "off"
-    assert build_parser().parse_args(["serve", "--audit", "/var/log/gb.jsonl"]).audit == "/var/log/gb.jsonl"
+    def configured(*argv: str) -> Any:
+        return serve_configuration(build_parser().parse_args(["serve", *argv]))
+
+    assert (configured().log_format, configured().audit) == ("text", "off")
+    assert configured("--audit", "off").audit == "off"
+    assert configured("--audit", "/var/log/gb.jsonl").audit == "/var/log/gb.jsonl"

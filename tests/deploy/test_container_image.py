@@ -58,7 +58,8 @@ def container(image: str, short_tmp: Path) -> Iterator[Container]:
     """The image's broker (emulated hypervisor) with the host's *short_tmp* as its /run/grant-broker."""
     short_tmp.chmod(0o755)
     running = Container(f"grant-broker-test-{uuid.uuid4().hex[:8]}", short_tmp)
-    started = podman("run", "--detach", "--name", running.name, "--network=none", *LIMITS,
+    # As the DaemonSet runs it: a read-only root, no network, the socket directory from the host.
+    started = podman("run", "--detach", "--name", running.name, "--read-only", "--network=none", *LIMITS,
                      "--volume", f"{short_tmp}:/run/grant-broker", image, "serve", "--backend", "emulated", "--grace", "1")
     assert started.returncode == 0, started.stderr
     try:

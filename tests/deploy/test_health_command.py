@@ -6,9 +6,13 @@ state it prints and the status it exits with are its whole interface.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -118,14 +122,15 @@ def test_a_bad_timeout_is_bad_input_and_exits_2(short_tmp: Path) -> None:
     assert "--timeout" in result.stderr
 
 
-# Whatever a probe process imports it pays for on every probe: the SDK, the
-# event loop library, the broker's own protobuf messages and its core are not
-# needed for one health check.
-NOT_ON_THE_PROBE_PATH = ("grant_broker_client", "grant_broker_protocol", "grant_broker.core", "uvloop",
-                         "grant_broker.daemon.logs", "grant_broker.daemon.server")
+# Whatever a probe process imports it pays for on every probe: grpc itself
+# (with asyncio and its Cython core, about 0.1 CPU-second), the SDK, the event
+# loop library, the broker's own messages and its core are not needed to read
+# a plain answer of one health check.
+NOT_ON_THE_PROBE_PATH = ("grpc", "google.protobuf", "asyncio", "grant_broker_client", "grant_broker_protocol",
+                         "grant_broker.core", "uvloop", "grant_broker.daemon.logs", "grant_broker.daemon.server")
 
 
-def test_the_probe_path_loads_neither_the_sdk_nor_the_broker(broker_socket: Path) -> None:
+def test_a_plain_answer_is_read_without_grpc_or_the_broker(broker_socket: Path) -> None:
     program = (
         "import sys\n"
         "from grant_broker.cli import main\n"
@@ -135,3 +140,65 @@ def test_the_probe_path_loads_neither_the_sdk_nor_the_broker(broker_socket: Path
     )
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=30)
     assert result.stdout.splitlines()[-1] == "0 []", result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------ the answer read without grpc
+
+
+@pytest.mark.parametrize(
+    "status",
+    [health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING,
+     health_pb2.HealthCheckResponse.SERVICE_UNKNOWN, health_pb2.HealthCheckResponse.UNKNOWN],
+    ids=["SERVING", "NOT_SERVING", "SERVICE_UNKNOWN", "UNKNOWN"],
+)
+def test_the_frames_read_without_grpc_say_what_grpc_says(stand_in: StandInHealth, status: int) -> None:
+    from grant_broker.daemon.health import _ask, _check_with_grpc, check_health
+
+    stand_in.set(status)  # type: ignore[arg-type]
+    assert _ask(str(stand_in.path), "", time.monotonic() + 10) == status  # the plain answer, read from the frames
+    assert check_health(str(stand_in.path))[0] == _check_with_grpc(str(stand_in.path), "", 10)[0]
+
+
+def test_a_long_service_name_is_asked_about_whole(broker_socket: Path) -> None:
+    name = "grant_broker.v1." + "X" * 300  # its length takes two bytes of varint
+    result = health_of(broker_socket, "--service", name)
+    assert result.returncode == EXIT_SERVICE_UNKNOWN and name in result.stdout
+
+
+@pytest.fixture
+def silent_listener(short_tmp: Path) -> Iterator[socket.socket]:
+    """A Unix socket that accepts connections (the kernel's backlog) and never answers."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(short_tmp / "silent.sock"))
+    listener.listen(8)
+    try:
+        yield listener
+    finally:
+        listener.close()
+
+
+def test_a_socket_that_never_answers_is_unreachable_once_the_timeout_passes(silent_listener: socket.socket) -> None:
+    result = health_of(Path(silent_listener.getsockname()), "--timeout", "0.5")
+    assert result.returncode == EXIT_UNREACHABLE and "within 0.5 s" in result.stdout
+
+
+def test_a_socket_that_hangs_up_is_unreachable(short_tmp: Path) -> None:
+    path = short_tmp / "hangs-up.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(8)
+
+        def hang_up() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    conn, _ = listener.accept()
+                    conn.close()
+
+        thread = threading.Thread(target=hang_up, daemon=True)
+        thread.start()
+        try:
+            result = health_of(path)
+        finally:
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the accept: close alone would not
+            thread.join(10)
+    assert result.returncode == EXIT_UNREACHABLE, result.stdout + result.stderr

@@ -409,7 +409,11 @@ async def test_a_cli_refusal_names_the_host(admin_broker: AdminBroker) -> None:
 
 
 async def test_the_cli_says_which_host_did_not_answer(admin_broker: AdminBroker) -> None:
-    silent = "127.0.0.1:9"  # discard: nothing listens there on a test machine
+    import socket
+
+    with socket.socket() as probe:  # a loopback port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        silent = f"127.0.0.1:{probe.getsockname()[1]}"
     options = _tls_options(admin_broker, admin_broker.pki.ops)
     options[1] = silent
     code, out, err = await _cli(*options, "--admin-timeout", "3", "status", "--json")

@@ -116,9 +116,9 @@ class _AdminListenerHandler(grpc.GenericRpcHandler):
         handler = self._admin_methods.get(method)
         if handler is not None:
             return handler
-        if method.startswith(PROTOCOL_PREFIX):
+        if method.startswith(PROTOCOL_PREFIX) and not method.startswith(f"/{ADMIN_SERVICE.full_name}/"):
             return _refusal(method)
-        return None  # UNIMPLEMENTED, as for any service this server does not have
+        return None  # UNIMPLEMENTED: an Admin method this broker does not have, or a service of no protocol of its
 
 
 def admin_handlers(admin: Administration) -> Iterable[grpc.GenericRpcHandler]:
