@@ -45,11 +45,12 @@ bench-xen: $(STAMP)
 # container image with, from Debian's packages (hadolint and kubernetes-validate
 # come from PyPI with the test extra): program:package.
 DEPLOY_TOOLS = systemd-analyze:systemd systemd-sysusers:systemd buildah:buildah podman:podman \
-	debootstrap:debootstrap runc:runc
+	debootstrap:debootstrap runc:runc strace:strace
 
 ## deploy-tools: install what tests/deploy needs from Debian (as root; tells what is missing otherwise)
 deploy-tools:
-	@missing="$$(for pair in $(DEPLOY_TOOLS); do command -v $${pair%%:*} >/dev/null || echo $${pair##*:}; done | sort -u)"; \
+	@missing="$$(export PATH="$$PATH:/usr/sbin:/sbin"; \
+		for pair in $(DEPLOY_TOOLS); do command -v $${pair%%:*} >/dev/null || echo $${pair##*:}; done | sort -u)"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ]; then echo "deploy-tools: missing $$missing: apt-get install them as root" >&2; exit 0; fi; \
 	echo "deploy-tools: installing" $$missing >&2; \

@@ -633,3 +633,14 @@ def test_real_span_is_unmappable_after_unmap_grant_ref(real: XenBackend) -> None
             with pytest.raises(OSError) as caught:  # the broker dropped the fresh instance's mapping too
                 mmap.mmap(span.fd.fileno(), PAGE_SIZE, mmap.MAP_SHARED)
             assert caught.value.errno == errno.EINVAL
+
+
+def test_the_capabilities_message_carries_each_dma_buf_direction_and_why_not(
+    kernel: FakeKernel, tmp_path, fd_baseline: None
+) -> None:
+    from grant_broker.core.operations.broker import capabilities_message
+
+    kernel.answers[G.IOCTL_GNTDEV_DMABUF_EXP_WAIT_RELEASED] = fails(errno.ENOENT)
+    message = capabilities_message(xen_backend.probe_capabilities(_devices(tmp_path, control_d=True, guest_type="PV")))
+    assert (message.dmabuf, message.dmabuf_export, message.dmabuf_import) == (True, False, True)
+    assert (message.dmabuf_export_missing, message.dmabuf_import_missing) == (xen_backend.DMABUF_EXPORT_REFUSED_IN_PV, "")

@@ -651,7 +651,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def _exit_status(command: str, exc: BrokerError) -> int:
-    """The exit status of *command* failed with *exc* (see the epilog)."""
+    """The exit status of *command* when it failed with *exc* (see the epilog)."""
     from grant_broker_protocol.status import status_code_for
 
     code = getattr(exc, "code", None) or status_code_for(exc.errno)  # a BrokerClientError carries the call's status

@@ -23,7 +23,9 @@ VENV_BIN = Path(sys.executable).parent
 def tool(name: str) -> str:
     """The path of the checking tool *name*.  `make test` installs every one
     (`make deploy-tools`); without one the test fails under CI and skips elsewhere."""
-    found = shutil.which(name, path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    # The sbin directories too: runc and debootstrap live there, and a non-login PATH may lack them.
+    search = [str(VENV_BIN), os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"]
+    found = shutil.which(name, path=os.pathsep.join(search))
     if found is None:
         message = f"{name} is not installed (make deploy-tools installs it)"
         if os.environ.get("CI"):

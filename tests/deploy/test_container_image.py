@@ -19,6 +19,9 @@ from grant_broker.cli import EXIT_OK, EXIT_UNREACHABLE
 
 from .conftest import DEPLOY, grant_broker, tool
 
+# The first test also builds the image: on a new machine its base too (debootstrap, a minute or two).
+pytestmark = pytest.mark.timeout(1200)
+
 IMAGE = "localhost/grant-broker:test"
 # A sandboxed engine (CI's) may not raise a container's limits above its own
 # (EPERM from setrlimit); the broker needs far fewer than an engine's defaults.

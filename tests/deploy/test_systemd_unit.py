@@ -1,5 +1,6 @@
-"""The systemd unit's hardening, measured by systemd's own tools, and its system-call filter checked
-against the system calls the broker really makes (traced with strace while clients use it)."""
+"""The systemd unit's hardening as the other deploy files see it (users, groups, the udev rule), and its
+system-call filter checked against the system calls the broker really makes (traced with strace while
+clients use it).  Its rating by ``systemd-analyze security``: test_tools.py."""
 
 from __future__ import annotations
 
@@ -20,9 +21,8 @@ import pytest
 
 import grant_broker_client
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "deploy" / "systemd" / "grant-broker.service"
-SECURITY_TARGET = 4.0  # issue 10 §2: `systemd-analyze security` 4.0 or lower
 
 
 def _tool(name: str) -> str:
@@ -38,19 +38,6 @@ def _unit_directives(name: str) -> list[str]:
         if equals and key.strip() == name:
             values.append(value.strip())
     return values
-
-
-def test_the_unit_is_rated_4_or_lower_by_systemd_analyze_security(tmp_path: Path) -> None:
-    # Offline, the unit is rated as written; its ExecStart= binary need not be installed for the rating.
-    unit = tmp_path / "grant-broker.service"
-    unit.write_text(UNIT.read_text())
-    result = subprocess.run(
-        [_tool("systemd-analyze"), "security", "--offline=yes", "--no-pager", str(unit)],
-        capture_output=True, text=True, timeout=60,
-    )
-    found = re.search(r"Overall exposure level for grant-broker\.service: (\d+\.\d+)", result.stdout)
-    assert found, result.stdout + result.stderr
-    assert float(found.group(1)) <= SECURITY_TARGET, result.stdout
 
 
 def test_the_unit_runs_the_broker_without_root_or_capabilities() -> None:
