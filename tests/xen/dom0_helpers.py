@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -19,11 +20,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from grant_broker.backend.contract import PAGE_SIZE
+from grant_broker_client.gntdev import Mapping
+
 # Python under QEMU's software emulation is 15-25x slower, and its start-up
 # over 9p (import grpc) takes seconds: steps get generous bounds.
 BROKER_START_TIMEOUT = 180
 STEP_TIMEOUT = 120
 QUIET_PERIOD = 1.0
+GUEST_READY_TIMEOUT = 400  # seconds: toolstack + xl create + the guest's boot, twice, under TCG
+REPLY_AT = 2048  # where gb-peer writes its reply on the control page
 
 
 @dataclass
@@ -95,3 +101,45 @@ class Child:
         if self.process.returncode is None and self.process.stdin is not None:
             self.process.stdin.close()
         return await asyncio.wait_for(self.process.wait(), STEP_TIMEOUT)
+
+
+@dataclass(frozen=True)
+class GuestInfo:
+    """What gb-peer published in xenstore: its domain and the ref of its control page."""
+
+    domid: int
+    control_ref: int
+
+
+class GuestError(AssertionError):
+    """gb-peer answered ``err ...`` (or nothing in time)."""
+
+
+class Peer:
+    """gb-peer in the guest, driven through its control page (mapped by a session)."""
+
+    def __init__(self, domid: int, control: Mapping) -> None:
+        self.domid = domid
+        self._view = control.view
+
+    async def ask(self, command: str) -> str:
+        """Run *command* in the guest; its reply without the ``ok``; GuestError on ``err``."""
+        view = self._view
+        seq = (struct.unpack_from("=I", view, 0)[0] + 1) & 0xFFFF_FFFF
+        text = command.encode() + b"\0"
+        view[8 : 8 + len(text)] = text
+        struct.pack_into("=I", view, 0, seq)  # after the command: the guest reads seq first
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while struct.unpack_from("=I", view, 4)[0] != seq:
+            if time.monotonic() > deadline:
+                raise GuestError(f"the guest did not answer {command!r} within {STEP_TIMEOUT} s")
+            await asyncio.sleep(0.01)
+        reply = bytes(view[REPLY_AT:PAGE_SIZE]).split(b"\0", 1)[0].decode()
+        if not reply.startswith("ok"):
+            raise GuestError(f"the guest answered {command!r} with {reply!r}")
+        return reply[3:]
+
+    async def share(self, count: int) -> tuple[int, list[int]]:
+        """*count* pages the guest grants to dom0: (region, refs)."""
+        region, *refs = (await self.ask(f"share {count}")).split()
+        return int(region), [int(ref) for ref in refs]

@@ -22,10 +22,7 @@ import asyncio
 import mmap
 import os
 import signal
-import struct
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
 
@@ -34,83 +31,15 @@ from grant_broker.backend.contract import PAGE_SIZE
 from grant_broker.uapi.gntdev import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
 from grant_broker_client import Session
 from grant_broker_client.evtchn import PortFired
-from grant_broker_client.gntdev import CopySegment, Foreign, Local, Mapping
-from dom0_helpers import QUIET_PERIOD, STEP_TIMEOUT, Broker, Child
+from grant_broker_client.gntdev import CopySegment, Foreign, Local
+from dom0_helpers import QUIET_PERIOD, STEP_TIMEOUT, Broker, Child, GuestError, GuestInfo, Peer
 
 pytestmark = [
     pytest.mark.xen,
     pytest.mark.skipif(not os.path.exists("/dev/xen/gntdev"), reason="needs a real Xen (dom0): no /dev/xen/gntdev here"),
 ]
 
-GUEST_READY_TIMEOUT = 400  # seconds: toolstack + xl create + the guest's boot, twice, under TCG
 GUEST_EVENT_TIMEOUT_MS = 60_000
-REPLY_AT = 2048
-
-
-@dataclass(frozen=True)
-class GuestInfo:
-    domid: int
-    control_ref: int
-
-
-@pytest.fixture(scope="session")
-def guest_info() -> GuestInfo:
-    """The guest ``tests/xen/guest/start-in-dom0`` started (waits for it)."""
-    state = os.environ.get("XEN_GUEST_STATE")
-    required = os.environ.get("GRANT_BROKER_TEST_REQUIRE_GUEST") == "1"
-    if not state:
-        pytest.skip("no guest was started (run through tests/xen/ci-suite)")
-    deadline = time.monotonic() + GUEST_READY_TIMEOUT
-    ready, failed = os.path.join(state, "ready"), os.path.join(state, "failed")
-    while not os.path.exists(ready):
-        why = None
-        if os.path.exists(failed):
-            with open(failed) as source:
-                why = source.read().strip()
-        elif time.monotonic() > deadline:
-            why = f"no guest within {GUEST_READY_TIMEOUT} s"
-        if why is not None:
-            log = os.path.join(state, "start.log")
-            detail = open(log).read()[-3000:] if os.path.exists(log) else ""
-            (pytest.fail if required else pytest.skip)(f"the PV guest did not come up: {why}\n{detail}")
-        time.sleep(0.5)
-    with open(ready) as source:
-        domid, control_ref = (int(word) for word in source.read().split())
-    return GuestInfo(domid, control_ref)
-
-
-class GuestError(AssertionError):
-    pass
-
-
-class Peer:
-    """gb-peer in the guest, driven through its control page (mapped by a session)."""
-
-    def __init__(self, domid: int, control: Mapping) -> None:
-        self.domid = domid
-        self._view = control.view
-
-    async def ask(self, command: str) -> str:
-        """Run *command* in the guest; its reply without the ``ok``; GuestError on ``err``."""
-        view = self._view
-        seq = (struct.unpack_from("=I", view, 0)[0] + 1) & 0xFFFF_FFFF
-        text = command.encode() + b"\0"
-        view[8 : 8 + len(text)] = text
-        struct.pack_into("=I", view, 0, seq)  # after the command: the guest reads seq first
-        deadline = time.monotonic() + STEP_TIMEOUT
-        while struct.unpack_from("=I", view, 4)[0] != seq:
-            if time.monotonic() > deadline:
-                raise GuestError(f"the guest did not answer {command!r} within {STEP_TIMEOUT} s")
-            await asyncio.sleep(0.01)
-        reply = bytes(view[REPLY_AT:PAGE_SIZE]).split(b"\0", 1)[0].decode()
-        if not reply.startswith("ok"):
-            raise GuestError(f"the guest answered {command!r} with {reply!r}")
-        return reply[3:]
-
-    async def share(self, count: int) -> tuple[int, list[int]]:
-        """*count* pages the guest grants to dom0: (region, refs)."""
-        region, *refs = (await self.ask(f"share {count}")).split()
-        return int(region), [int(ref) for ref in refs]
 
 
 @pytest.fixture(params=[True, False], ids=["fast-path", "grpc"])

@@ -343,7 +343,21 @@ class BrokerServer:
         # A descriptor kept in reserve: when the broker is out of them, it is
         # given up for a moment to accept the waiting client and tell it so
         # (instead of leaving it in the backlog with no answer).
-        spare: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        spare: int | None = None
+        retry: asyncio.TimerHandle | None = None
+
+        def keep_spare() -> None:
+            # Taken again as soon as a descriptor is free, whether or not a
+            # client comes meanwhile: a spare lost for good would leave the
+            # next clients unanswered in the backlog at the next shortage.
+            nonlocal spare, retry
+            retry = None
+            try:
+                spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                retry = loop.call_later(0.1, keep_spare)
+
+        keep_spare()
         try:
             while True:
                 try:
@@ -356,13 +370,14 @@ class BrokerServer:
                         os.close(spare)
                         spare = None
                         self._refuse_waiting_client(exc.errno)
-                        with contextlib.suppress(OSError):
-                            spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                        keep_spare()
                     # Back off instead of spinning while descriptors are short.
                     await asyncio.sleep(0.1)
                     continue
                 self._fd_channels.accept(FdChannel(conn))
         finally:
+            if retry is not None:
+                retry.cancel()
             if spare is not None:
                 os.close(spare)
 

@@ -33,6 +33,11 @@
  *                           dom0's DOMPORT and arms CLEAR_BYTE|SEND_EVENT at OFF,
  *                           then waits to be killed -> "ok PID"
  *   kill PID                SIGKILL a child and reap it
+ *   export FLAGS DOMID REF...  gntdev dma-buf export (PVH/HVM only) -> "ok FD"
+ *   wait-released FD MS     IOCTL_GNTDEV_DMABUF_EXP_WAIT_RELEASED
+ *   close FD                close a descriptor (an exported dma-buf)
+ *   import FD COUNT DOMID   grant a dma-buf's pages to DOMID -> "ok REF..."
+ *   import-release FD       end those grants
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -309,6 +314,54 @@ static void run(char *cmd, char *reply) {
     if (strcmp(op, "child-map") == 0 && n == 5) {
         if (child_map((uint32_t)atoi(words[1]), (uint32_t)strtoul(words[2], NULL, 10), (uint32_t)atoi(words[3]),
                       (uint32_t)atoi(words[4]), reply) < 0) goto fail;
+        return;
+    }
+    /* gntdev dma-buf: export needs an auto-translated (PVH/HVM) guest; a PV one answers EINVAL. */
+    if (strcmp(op, "export") == 0 && n >= 4 && n - 3 <= MAX_REFS) {
+        uint32_t count = (uint32_t)(n - 3);
+        size_t size = sizeof(struct ioctl_gntdev_dmabuf_exp_from_refs) + count * sizeof(uint32_t);
+        struct ioctl_gntdev_dmabuf_exp_from_refs *exp = calloc(1, size);
+        exp->flags = (uint32_t)atoi(words[1]);
+        exp->domid = (uint32_t)atoi(words[2]);
+        exp->count = count;
+        for (uint32_t i = 0; i < count; i++) exp->refs[i] = (uint32_t)strtoul(words[i + 3], NULL, 10);
+        int rc = ioctl(gntdev_fd, IOCTL_GNTDEV_DMABUF_EXP_FROM_REFS, exp);
+        uint32_t fd = exp->fd;
+        free(exp);
+        if (rc < 0) goto fail;
+        sprintf(reply, "ok %u", fd);
+        return;
+    }
+    if (strcmp(op, "wait-released") == 0 && n == 3) {
+        struct ioctl_gntdev_dmabuf_exp_wait_released wait = {
+            .fd = (uint32_t)atoi(words[1]), .wait_to_ms = (uint32_t)atoi(words[2]) };
+        if (ioctl(gntdev_fd, IOCTL_GNTDEV_DMABUF_EXP_WAIT_RELEASED, &wait) < 0) goto fail;
+        strcpy(reply, "ok");
+        return;
+    }
+    if (strcmp(op, "close") == 0 && n == 2) {
+        if (close(atoi(words[1])) < 0) goto fail;
+        strcpy(reply, "ok");
+        return;
+    }
+    if (strcmp(op, "import") == 0 && n == 4) {  /* import FD COUNT DOMID: grant a dma-buf's pages */
+        uint32_t count = (uint32_t)atoi(words[2]);
+        if (count == 0 || count > MAX_REFS) { strcpy(reply, "err count"); return; }
+        size_t size = sizeof(struct ioctl_gntdev_dmabuf_imp_to_refs) + count * sizeof(uint32_t);
+        struct ioctl_gntdev_dmabuf_imp_to_refs *imp = calloc(1, size);
+        imp->fd = (uint32_t)atoi(words[1]);
+        imp->count = count;
+        imp->domid = (uint32_t)atoi(words[3]);
+        if (ioctl(gntdev_fd, IOCTL_GNTDEV_DMABUF_IMP_TO_REFS, imp) < 0) { free(imp); goto fail; }
+        int at = sprintf(reply, "ok");
+        for (uint32_t i = 0; i < count; i++) at += sprintf(reply + at, " %u", imp->refs[i]);
+        free(imp);
+        return;
+    }
+    if (strcmp(op, "import-release") == 0 && n == 2) {
+        struct ioctl_gntdev_dmabuf_imp_release release = { .fd = (uint32_t)atoi(words[1]) };
+        if (ioctl(gntdev_fd, IOCTL_GNTDEV_DMABUF_IMP_RELEASE, &release) < 0) goto fail;
+        strcpy(reply, "ok");
         return;
     }
     if (strcmp(op, "kill") == 0 && n == 2) {
