@@ -13,6 +13,7 @@ elsewhere; ``tests/xen/ci-suite`` runs it in dom0 of a real Xen.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import mmap
@@ -644,3 +645,14 @@ def test_the_capabilities_message_carries_each_dma_buf_direction_and_why_not(
     message = capabilities_message(xen_backend.probe_capabilities(_devices(tmp_path, control_d=True, guest_type="PV")))
     assert (message.dmabuf, message.dmabuf_export, message.dmabuf_import) == (True, False, True)
     assert (message.dmabuf_export_missing, message.dmabuf_import_missing) == (xen_backend.DMABUF_EXPORT_REFUSED_IN_PV, "")
+
+
+def test_dmabuf_export_where_the_guest_type_is_unknown_is_reported_available(
+    kernel: FakeKernel, tmp_path, fd_baseline: None
+) -> None:
+    # Linux publishes /sys/hypervisor/guest_type on every Xen guest it supports; without it the
+    # broker cannot know, and lets the kernel answer each export (EINVAL in a PV domain).
+    kernel.answers[G.IOCTL_GNTDEV_DMABUF_EXP_WAIT_RELEASED] = fails(errno.ENOENT)
+    devices = dataclasses.replace(_devices(tmp_path, control_d=True), guest_type=str(tmp_path / "no-guest-type"))
+    caps = xen_backend.probe_capabilities(devices)
+    assert (caps.dmabuf_export, caps.dmabuf_import) == (True, True)

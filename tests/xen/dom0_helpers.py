@@ -28,7 +28,8 @@ from grant_broker_client.gntdev import Mapping
 BROKER_START_TIMEOUT = 180
 STEP_TIMEOUT = 120
 QUIET_PERIOD = 1.0
-GUEST_READY_TIMEOUT = 400  # seconds: toolstack + xl create + the guest's boot, twice, under TCG
+# Seconds for the toolstack, xl create and the guest's boot (all its attempts) under TCG.
+GUEST_READY_TIMEOUT = float(os.environ.get("XEN_GUEST_READY_TIMEOUT", "400"))
 REPLY_AT = 2048  # where gb-peer writes its reply on the control page
 
 

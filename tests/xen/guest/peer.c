@@ -36,6 +36,7 @@
  *   export FLAGS DOMID REF...  gntdev dma-buf export (PVH/HVM only) -> "ok FD"
  *   wait-released FD MS     IOCTL_GNTDEV_DMABUF_EXP_WAIT_RELEASED
  *   close FD                close a descriptor (an exported dma-buf)
+ *   wait-close FD MS        a child waits (MS) for the release of exported dma-buf FD while this process closes it
  *   import FD COUNT DOMID   grant a dma-buf's pages to DOMID -> "ok REF..."
  *   import-release FD       end those grants
  */
@@ -336,6 +337,34 @@ static void run(char *cmd, char *reply) {
         struct ioctl_gntdev_dmabuf_exp_wait_released wait = {
             .fd = (uint32_t)atoi(words[1]), .wait_to_ms = (uint32_t)atoi(words[2]) };
         if (ioctl(gntdev_fd, IOCTL_GNTDEV_DMABUF_EXP_WAIT_RELEASED, &wait) < 0) goto fail;
+        strcpy(reply, "ok");
+        return;
+    }
+    if (strcmp(op, "wait-close") == 0 && n == 3) {
+        /* A child waits for the release of an exported dma-buf while this
+         * process closes the last descriptor of it: the release happens within
+         * that close, so only a waiter already blocked can see it. */
+        int fd = atoi(words[1]), ready[2];
+        if (pipe(ready) < 0) goto fail;
+        pid_t pid = fork();
+        if (pid < 0) goto fail;
+        if (pid == 0) {
+            close(fd);
+            struct ioctl_gntdev_dmabuf_exp_wait_released wait = { .fd = (uint32_t)fd, .wait_to_ms = (uint32_t)atoi(words[2]) };
+            char go = 'w';
+            if (write(ready[1], &go, 1) != 1) _exit(EIO);
+            _exit(ioctl(gntdev_fd, IOCTL_GNTDEV_DMABUF_EXP_WAIT_RELEASED, &wait) < 0 ? errno : 0);
+        }
+        close(ready[1]);
+        char go;
+        ssize_t got = read(ready[0], &go, 1);
+        close(ready[0]);
+        usleep(300000);  /* the child is in the ioctl by now */
+        close(fd);
+        int status = 0;
+        if (got != 1 || waitpid(pid, &status, 0) < 0) goto fail;
+        if (!WIFEXITED(status)) { strcpy(reply, "err the waiter died"); return; }
+        if (WEXITSTATUS(status) != 0) { errno = WEXITSTATUS(status); goto fail; }
         strcpy(reply, "ok");
         return;
     }
