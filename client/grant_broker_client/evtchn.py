@@ -64,6 +64,7 @@ import grpc
 
 from grant_broker_protocol.v1 import evtchn_pb2, evtchn_pb2_grpc
 from grant_broker_client.errors import BrokerClientError, from_rpc_error
+from grant_broker_client.fastpath import FastStream
 
 if TYPE_CHECKING:
     from grant_broker_client.session import Session
@@ -326,21 +327,16 @@ class EvtchnSubscription:
     async def __anext__(self) -> EvtchnEvent:
         if self._closed or self._ended:
             raise StopAsyncIteration
-        if self._reading is None:
-            self._reading = asyncio.ensure_future(self._call.read())
-            self._reading.add_done_callback(_retrieve)
-        reading = self._reading
+        message: Any  # an Event, or the end: None (fast path) or grpc.aio.EOF
         try:
-            message = await asyncio.shield(reading)
-        except asyncio.CancelledError:
-            if not reading.done():
-                raise  # this task was cancelled; the read goes on for the next call
-            self._reading = None
-            if reading.cancelled() and (self._closed or self._session.closed):
-                # close() (ours or the session's) cancelled the call.
-                self._ended = True
-                raise StopAsyncIteration from None
-            raise
+            if isinstance(self._call, FastStream):
+                # A fast-path stream is read from a queue: a cancelled read
+                # loses nothing and leaves the stream as it was, so it needs
+                # neither the task nor the shield of a gRPC read (each cost
+                # an event tens of microseconds).
+                message = await self._call.read()
+            else:
+                message = await self._read_grpc()
         except grpc.aio.AioRpcError as exc:
             self._reading = None
             self._ended = True
@@ -375,6 +371,24 @@ class EvtchnSubscription:
             errno.EPROTO, "evtchn subscribe", f"unexpected event {kind!r} on a live subscription",
             code=grpc.StatusCode.INTERNAL,
         )
+
+    async def _read_grpc(self) -> Any:
+        """The gRPC call's next message, read in a task of its own behind a shield (see ``_reading``)."""
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._call.read())
+            self._reading.add_done_callback(_retrieve)
+        reading = self._reading
+        try:
+            return await asyncio.shield(reading)
+        except asyncio.CancelledError:
+            if not reading.done():
+                raise  # this task was cancelled; the read goes on for the next call
+            self._reading = None
+            if reading.cancelled() and (self._closed or self._session.closed):
+                # close() (ours or the session's) cancelled the call.
+                self._ended = True
+                raise StopAsyncIteration from None
+            raise
 
     def _stream_error(self, error: BrokerClientError) -> BrokerClientError:
         if error.errno == errno.ENOTCONN:
