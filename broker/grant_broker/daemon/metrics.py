@@ -31,7 +31,6 @@ import errno
 import logging
 import os
 import socket
-import stat
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -52,6 +51,7 @@ from grant_broker import __version__
 from grant_broker.core import census
 from grant_broker.core.policy import Limits
 from grant_broker.core.registry import SessionRegistry
+from grant_broker.daemon.unix_paths import claim_unix_path
 from grant_broker_protocol.errors import BrokerError
 from grant_broker_protocol.fds import open_fd_count
 from grant_broker_protocol.status import status_code_for
@@ -374,7 +374,8 @@ class MetricsEndpoint:
         address = self.requested
         try:
             if address.path is not None:
-                _claim_unix_path(address.path)
+                os.makedirs(os.path.dirname(address.path) or ".", mode=0o755, exist_ok=True)
+                claim_unix_path(address.path, socket.SOCK_STREAM, "metrics", "something")
                 self._server = await asyncio.start_unix_server(self._serve, address.path, limit=self.MAX_REQUEST_BYTES)
                 os.chmod(address.path, self._socket_mode)
                 self._bound = address
@@ -453,31 +454,6 @@ class MetricsEndpoint:
             log.exception("making the metrics failed")
             return "500 Internal Server Error", text, b"making the metrics failed; see the broker's log\n", False
         return "200 OK", content_type, body, method == "HEAD"
-
-
-def _claim_unix_path(path: str) -> None:
-    """Make *path* free for a new Unix socket: refuse a live server's or a
-    file that is not a socket; remove a stale socket."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise BrokerError(errno.EEXIST, "metrics", f"{path} exists and is not a socket; not touching it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        return
-    except OSError as exc:
-        raise BrokerError(exc.errno or errno.EIO, "metrics", f"cannot probe {path}: {exc.strerror}") from None
-    finally:
-        probe.close()
-    raise BrokerError(errno.EADDRINUSE, "metrics", f"something is serving on {path} already")
 
 
 # --------------------------------------------------------------------------- the whole

@@ -35,6 +35,7 @@ from grant_broker.core.registry import SessionRegistry
 from grant_broker.core.routes import Route, build_routes
 from grant_broker_protocol.methods import SERVICES
 from grant_broker.daemon.backends import BackendChoice, choose_backend
+from grant_broker.daemon.unix_paths import claim_unix_path
 from grant_broker.transport.fdchannel import FdChannelServer
 from grant_broker.transport.grpc.handlers import generic_handlers
 from grant_broker_protocol.endpoints import fd_channel_path
@@ -147,25 +148,7 @@ def _prepare_socket_path(path: str) -> None:
     os.makedirs(directory, mode=0o755, exist_ok=True)
     check_socket_directory(directory)
     for candidate, kind in ((path, socket.SOCK_STREAM), (fd_channel_path(path), socket.SOCK_SEQPACKET)):
-        try:
-            mode = os.lstat(candidate).st_mode
-        except FileNotFoundError:
-            continue
-        if not stat.S_ISSOCK(mode):
-            raise BrokerError(errno.EEXIST, "listen", f"{candidate} exists and is not a socket; not touching it")
-        probe = socket.socket(socket.AF_UNIX, kind)
-        try:
-            probe.settimeout(1.0)
-            probe.connect(candidate)
-        except (ConnectionRefusedError, FileNotFoundError):
-            log.info("removing stale socket %s", candidate)
-            os.unlink(candidate)
-        except OSError as exc:
-            raise BrokerError(exc.errno or errno.EIO, "listen", f"cannot probe {candidate}: {exc.strerror}") from None
-        else:
-            raise BrokerError(errno.EADDRINUSE, "listen", f"another broker is serving on {candidate}")
-        finally:
-            probe.close()
+        claim_unix_path(candidate, kind, "listen", "another broker")
 
 
 def socket_group_id(value: object) -> int:
