@@ -182,11 +182,13 @@ def _grants(grants: Sequence[GrantRef]) -> dict[str, object]:
     return {"remote_domain": domains, "refs": [grant.ref for grant in grants]}
 
 
-def _named(fields: dict[str, object], index: int | None, dmabuf_id: int | None) -> dict[str, object]:
-    if index is not None:
-        fields["index"] = index
-    if dmabuf_id is not None:
-        fields["dmabuf_id"] = dmabuf_id
+def _named(
+    fields: dict[str, object], index: int | None, dmabuf_id: int | None, writable: bool | None = None
+) -> dict[str, object]:
+    """*fields* with those of the optional ones that are given."""
+    for name, value in (("index", index), ("dmabuf_id", dmabuf_id), ("writable", writable)):
+        if value is not None:
+            fields[name] = value
     return fields
 
 
@@ -200,10 +202,7 @@ def grants_mapped(
     writable: bool | None = None,
 ) -> None:
     if audit_log.isEnabledFor(_INFO):
-        fields = _named({"operation": operation, **_grants(grants)}, index, dmabuf_id)
-        if writable is not None:
-            fields["writable"] = writable
-        _emit("grants_mapped", session.log_fields, fields)
+        _emit("grants_mapped", session.log_fields, _named({"operation": operation, **_grants(grants)}, index, dmabuf_id, writable))
 
 
 def grants_unmapped(
@@ -224,9 +223,9 @@ def grants_shared(
     writable: bool | None = None,
 ) -> None:
     if audit_log.isEnabledFor(_INFO):
-        fields = _named({"operation": operation, "remote_domain": remote_domain, "refs": list(refs)}, index, dmabuf_id)
-        if writable is not None:
-            fields["writable"] = writable
+        fields = _named(
+            {"operation": operation, "remote_domain": remote_domain, "refs": list(refs)}, index, dmabuf_id, writable
+        )
         _emit("grants_shared", session.log_fields, fields)
 
 
