@@ -107,6 +107,20 @@ class Daemon:
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    async def quiet_fd_count(self, quiet: float = 0.5, timeout: float = 15.0) -> int:
+        """The broker's descriptor count once it has not changed for *quiet* seconds: a
+        baseline that does not count a connection of the harness's (start_daemon's
+        health check, a status call) that the broker has yet to see closed."""
+        deadline = time.monotonic() + timeout
+        count, since = self.fd_count(), time.monotonic()
+        while time.monotonic() - since < quiet:
+            assert time.monotonic() < deadline, f"the broker's descriptor count never settled (now {count})"
+            await asyncio.sleep(0.05)
+            now = self.fd_count()
+            if now != count:
+                count, since = now, time.monotonic()
+        return count
+
     def fd_targets(self) -> dict[int, str]:
         """The broker's descriptors: number -> what ``/proc/<pid>/fd`` says they are."""
         targets = {}
