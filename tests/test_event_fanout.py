@@ -8,9 +8,10 @@ so "the port fired" below is a real readable descriptor and a real read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -28,6 +29,10 @@ from grant_broker.core.events import (
     PortUnbound,
     Subscription,
 )
+from grant_broker.core.observe import NO_RECORDER
+from grant_broker.transport.fastevents import SUBSCRIPTIONS_PER_FRAME, FastEvents
+from grant_broker_protocol.v1 import evtchn_pb2
+from grant_broker_protocol.v1.fdchannel_pb2 import FdFrame
 
 TIMEOUT = 5.0
 
@@ -710,3 +715,122 @@ async def test_held_port_is_unmasked_when_its_full_subscriber_leaves(channel: Ch
     with fanout.subscribe() as later:
         channel.fire()
         assert await next_event(later) == Fired(channel.port)
+
+
+# --------------------------------------------------------------------------- as fast-path frames (FastEvents)
+
+
+class _FrameSink:
+    """The fd channel of a fake session: keeps what is sent; `hold` makes
+    sends wait, as a socket the client does not read would."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self.frames: list[FdFrame] = []
+        self.open = asyncio.Event()
+        self.open.set()
+
+    async def send(self, frame: FdFrame, fds: object = ()) -> None:
+        await self.open.wait()
+        self.frames.append(FdFrame.FromString(frame.SerializeToString()))
+
+    def send_nowait(self, frame: FdFrame) -> bool:
+        self.frames.append(frame)
+        return True
+
+    def events(self) -> list[FdFrame]:
+        return [frame for frame in self.frames if frame.WhichOneof("body") == "events"]
+
+
+class _FakeSession:
+    id = 1
+    log_fields: dict[str, object] = {}
+
+    def __init__(self) -> None:
+        self.channel = _FrameSink()
+        self.closed = asyncio.Event()
+
+
+def _opener(fanout: EventFanout, opened: list[Subscription]) -> Callable[[object, evtchn_pb2.SubscribeRequest], Iterator[Subscription]]:
+    @contextlib.contextmanager
+    def open_subscription(session: object, request: evtchn_pb2.SubscribeRequest) -> Iterator[Subscription]:
+        with fanout.subscribe(request.ports, queue_size=request.queue_size) as subscription:
+            opened.append(subscription)
+            yield subscription
+
+    return open_subscription
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    pytest.fail("the condition did not come true")
+
+
+async def test_fast_events_send_a_fan_out_as_frames_of_at_most_256_subscriptions(channel: Channel, fanout: EventFanout) -> None:
+    session = _FakeSession()
+    events = FastEvents(session)  # type: ignore[arg-type]
+    opened: list[Subscription] = []
+    ids = list(range(1, 601))
+    try:
+        for call_id in ids:
+            events.subscribe(call_id, _opener(fanout, opened), evtchn_pb2.SubscribeRequest(ports=[channel.port]), NO_RECORDER)
+        channel.fire()
+        await _until(lambda: sum(len(f.events.fired[0].also_call_ids) + 1 for f in session.channel.events()) >= len(ids))
+        frames = session.channel.events()
+        assert len(frames) == 3  # 256 + 256 + 88
+        taken = [[fired.call_id, *fired.also_call_ids] for frame in frames for fired in frame.events.fired]
+        assert all(len(group) <= SUBSCRIPTIONS_PER_FRAME for group in taken)
+        assert sorted(call_id for group in taken for call_id in group) == ids  # each subscription once
+        assert {fired.port for frame in frames for fired in frame.events.fired} == {channel.port}
+    finally:
+        events.close()
+    assert all(subscription.closed for subscription in opened)
+
+
+async def test_fast_events_take_nothing_while_a_frame_waits_and_report_the_loss_before_the_next_event(
+    handles: tuple[EvtchnHandle, EvtchnHandle], fanout: EventFanout
+) -> None:
+    first = _connect(*handles)
+    _drain_initial(first.local, first.port)
+    second = _connect(*handles)
+    _drain_initial(second.local, second.port)
+    session = _FakeSession()
+    session.channel.open.clear()  # the client does not read: the subscription's reply waits
+    events = FastEvents(session)  # type: ignore[arg-type]
+    try:
+        events.subscribe(7, _opener(fanout, []), evtchn_pb2.SubscribeRequest(queue_size=1), NO_RECORDER)
+        first.fire()
+        await settle()
+        second.fire()  # no room: lost for this subscriber
+        await settle()
+        assert session.channel.frames == []
+        session.channel.open.set()
+        await _until(lambda: len(session.channel.events()) == 1)
+        (frame,) = session.channel.events()
+        assert [(f.call_id, f.port) for f in frame.events.fired] == [(7, first.port)] and not frame.events.lost
+        second.fire()
+        await _until(lambda: len(session.channel.events()) == 2)
+        frame = session.channel.events()[1]
+        assert [(lost.call_id, lost.count) for lost in frame.events.lost] == [(7, 1)]
+        assert [(f.call_id, f.port) for f in frame.events.fired] == [(7, second.port)]
+    finally:
+        events.close()
+
+
+async def test_fast_events_cancel_closes_the_subscription_and_ends_its_stream(channel: Channel, fanout: EventFanout) -> None:
+    session = _FakeSession()
+    events = FastEvents(session)  # type: ignore[arg-type]
+    opened: list[Subscription] = []
+    try:
+        events.subscribe(3, _opener(fanout, opened), evtchn_pb2.SubscribeRequest(), NO_RECORDER)
+        assert events.cancel(3) and not events.cancel(3)
+        assert opened[0].closed and fanout.subscriber_count == 0
+        await _until(lambda: any(f.WhichOneof("body") == "stream_end" for f in session.channel.frames))
+        bodies = [frame.WhichOneof("body") for frame in session.channel.frames]
+        assert bodies == ["reply", "stream_end"]  # the answer first, then the end
+    finally:
+        events.close()

@@ -14,6 +14,7 @@ the broker's errno maps to.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import itertools
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from grant_broker_protocol.methods import FD_TRANSFER_FIELD, METHODS
 from grant_broker_protocol.transfers import TransferTable
 from grant_broker_protocol.v1 import evtchn_pb2
 from grant_broker_protocol.v1.common_pb2 import ErrorDetail
-from grant_broker_protocol.v1.fdchannel_pb2 import Call, Cancel, FdFrame
+from grant_broker_protocol.v1.fdchannel_pb2 import Call, Cancel, Events, FdFrame
 
 # Transfer ids the SDK gives to a reply's descriptors: far above the
 # broker's own, which count up from 1.
@@ -126,13 +127,34 @@ class FastCalls:
         waiter.set_result((frame, fds))
 
     def on_stream_frame(self, frame: FdFrame) -> None:
-        """A PortFired / EventsLost / StreamEnd arrived."""
+        """A PortFired / EventsLost / StreamEnd / Events arrived."""
         body = frame.WhichOneof("body")
         if body is None:
+            return
+        if body == "events":
+            self._on_events(frame.events)
             return
         stream = self._streams.get(getattr(frame, body).call_id)
         if stream is not None:
             stream.receive(frame)
+
+    def _on_events(self, events: Events) -> None:
+        """A session's events of one turn (fast-path version 2): the losses
+        first, each right before its stream's event in ``fired``."""
+        streams = self._streams
+        for lost in events.lost:
+            stream = streams.get(lost.call_id)
+            if stream is not None:
+                stream.deliver(evtchn_pb2.Event(lost=lost.count))
+        for fired in events.fired:
+            port = fired.port
+            stream = streams.get(fired.call_id)
+            if stream is not None:
+                stream.deliver(evtchn_pb2.Event(port=port))
+            for call_id in fired.also_call_ids:
+                stream = streams.get(call_id)
+                if stream is not None:
+                    stream.deliver(evtchn_pb2.Event(port=port))
 
     def stream(self, method: str, request: Message) -> "FastStream":
         """Start a streaming call (Subscribe); read it from the returned stream."""
@@ -187,7 +209,11 @@ class FastStream:
         self._calls = calls
         self.call_id = call_id
         self.sending: asyncio.Future[None] | None = None
-        self._queue: asyncio.Queue[evtchn_pb2.Event | BrokerClientError | None] = asyncio.Queue()
+        # A deque and one waiter rather than an asyncio.Queue: a fan-out hands
+        # an event to each of a session's streams, and the Queue's own work
+        # per item was a good part of it.  One reader at a time.
+        self._items: collections.deque[evtchn_pb2.Event | BrokerClientError | None] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._ended = False
 
     def started(self, frame: FdFrame) -> None:
@@ -195,14 +221,33 @@ class FastStream:
         if reply.WhichOneof("result") == "error":
             self._end(error_from_detail(reply.error))
             return
-        self._queue.put_nowait(evtchn_pb2.Event.FromString(reply.response))
+        self._put(evtchn_pb2.Event.FromString(reply.response))
+
+    def deliver(self, event: evtchn_pb2.Event) -> None:
+        """An event of this stream, from an Events frame."""
+        self._put(event)
+
+    def _put(self, item: "evtchn_pb2.Event | BrokerClientError | None") -> None:
+        self._items.append(item)
+        if item is None or isinstance(item, BrokerClientError):
+            while self._waiters:  # the end: every reader sees it
+                self._wake_one()
+        else:
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def receive(self, frame: FdFrame) -> None:
         body = frame.WhichOneof("body")
         if body == "port_fired":
-            self._queue.put_nowait(evtchn_pb2.Event(port=frame.port_fired.port))
+            self._put(evtchn_pb2.Event(port=frame.port_fired.port))
         elif body == "events_lost":
-            self._queue.put_nowait(evtchn_pb2.Event(lost=frame.events_lost.count))
+            self._put(evtchn_pb2.Event(lost=frame.events_lost.count))
         elif body == "stream_end":
             end = frame.stream_end
             self._end(error_from_detail(end.error) if end.HasField("error") else None)
@@ -211,19 +256,28 @@ class FastStream:
         if not self._ended:
             self._ended = True
             self._calls._forget(self.call_id)
-            self._queue.put_nowait(error)
+            self._put(error)
 
     def fail(self, error: BrokerClientError) -> None:
         self._end(error)
 
     async def read(self) -> evtchn_pb2.Event | None:
         """The next message, or ``None`` once the stream ended normally."""
-        item = await self._queue.get()
-        if item is None or isinstance(item, BrokerClientError):
-            self._queue.put_nowait(item)  # every later read sees the end too
-            if isinstance(item, BrokerClientError):
-                raise item
-            return None
+        while not self._items:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken and then cancelled: the item is another reader's
+                raise
+        item = self._items[0]
+        if item is None:
+            return None  # left in place: every later read sees the end too
+        if isinstance(item, BrokerClientError):
+            raise item
+        self._items.popleft()
         return item
 
     def cancel(self) -> None:

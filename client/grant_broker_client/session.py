@@ -84,7 +84,7 @@ def _refusal(operation: str, error: Any) -> BrokerClientError:
 _LOST_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.CANCELLED})
 
 
-_STREAM_FRAMES = frozenset({"port_fired", "events_lost", "stream_end"})
+_STREAM_FRAMES = frozenset({"port_fired", "events_lost", "stream_end", "events"})
 
 
 def _method_name(method: Any) -> str | None:
@@ -194,7 +194,7 @@ class Session:
         server = frame.server_hello
         self.session_id, self.domid, self.vmid, self._token = server.session_id, server.domid, server.vmid, server.token
         self._metadata = ((SESSION_METADATA_KEY, self._token),)
-        if server.fast_path_version >= FAST_PATH_VERSION and self._want_fast_path:
+        if server.fast_path_version > 0 and self._want_fast_path:  # any version: this SDK speaks them all
             self._fd_channel.max_frame_bytes = server.max_frame_bytes
             self._fast = FastCalls(self._fd_channel, self._incoming, lambda why: self._lost_error("call"))
         self._fd_channel.start_reading(self._on_frame, self._on_channel_end, on_dropped=self._on_dropped)

@@ -31,8 +31,12 @@ PROTOCOL_VERSION = 1
 MAX_FDS_PER_FRAME = 32
 MAX_FRAME_BYTES = 4096
 """The largest datagram before the hello has agreed on more (and without the fast path)."""
-FAST_PATH_VERSION = 1
-"""The fast path this side speaks: calls as frames on the fd channel (see fdchannel.proto)."""
+FAST_PATH_VERSION = 2
+"""The newest fast path this side speaks (see fdchannel.proto): 1, calls as
+frames on the fd channel and one frame per event; 2, a session's events of
+one turn in one ``Events`` frame.  Two ends speak the lower of their versions."""
+FAST_PATH_EVENTS_FRAME = 2
+"""The first fast-path version with the ``Events`` frame."""
 FAST_PATH_FRAME_BYTES = 65536
 """The largest datagram once the fast path is agreed: a packed map of 1024 refs fits."""
 _FD_SIZE = array.array("i").itemsize

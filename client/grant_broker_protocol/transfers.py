@@ -263,9 +263,11 @@ class TransferTable:
         try:
             while not self._complete(transfer_id, count):
                 waiter = self._waiters[transfer_id] = loop.create_future()
+                # A timer, not asyncio.timeout: the broker may run this before
+                # its call has a task of its own (transport/eager.py).
+                timer = loop.call_at(deadline, _time_out, waiter)
                 try:
-                    async with asyncio.timeout_at(deadline):
-                        await waiter
+                    await waiter
                 except TimeoutError:
                     raise BrokerError(
                         self._missing_errno,
@@ -274,6 +276,8 @@ class TransferTable:
                     ) from None
                 except BrokerError as exc:  # close()
                     raise BrokerError(exc.errno, operation, exc.detail) from None
+                finally:
+                    timer.cancel()
         finally:
             self._waiters.pop(transfer_id, None)
 
@@ -325,3 +329,8 @@ def select_fds(operation: str, transfer_id: int, fds: list[OwnedFd], indexes: Se
 def _close_all(fds: Sequence[OwnedFd]) -> None:
     for fd in fds:
         fd.close()
+
+
+def _time_out(waiter: "asyncio.Future[None]") -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())

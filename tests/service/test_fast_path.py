@@ -141,14 +141,17 @@ async def test_a_request_too_large_for_a_frame_goes_over_grpc(broker: InProcessB
 # --------------------------------------------------------------------------- frames a client should never send
 
 
-async def _raw_session(socket_path: str, *, fast: bool = True) -> tuple[FdChannel, int]:
+async def _raw_session(
+    socket_path: str, *, fast: bool = True, version: int = FAST_PATH_VERSION, domid: int | None = None
+) -> tuple[FdChannel, int]:
     channel = await FdChannel.connect(socket_path + ".fds")
-    await channel.send(
-        FdFrame(client_hello=ClientHello(protocol_version=1, client_name="raw", fast_path_version=FAST_PATH_VERSION if fast else 0))
-    )
+    hello = ClientHello(protocol_version=1, client_name="raw", fast_path_version=version if fast else 0)
+    if domid is not None:
+        hello.domid = domid
+    await channel.send(FdFrame(client_hello=hello))
     frame, _ = await channel.receive()
     assert frame.WhichOneof("body") == "server_hello"
-    assert frame.server_hello.fast_path_version == (FAST_PATH_VERSION if fast else 0)
+    assert frame.server_hello.fast_path_version == (min(version, FAST_PATH_VERSION) if fast else 0)
     if fast:
         assert frame.server_hello.max_frame_bytes == FAST_PATH_FRAME_BYTES
         channel.max_frame_bytes = frame.server_hello.max_frame_bytes
@@ -338,3 +341,100 @@ async def test_a_subscription_whose_call_cannot_be_sent_fails_at_once(broker: In
         with pytest.raises(BrokerClientError) as raised:
             await asyncio.wait_for(session.evtchn.subscribe(), 5)
         assert raised.value.errno == errno.EPIPE and "could not be sent" in raised.value.detail
+
+
+# --------------------------------------------------------------------------- events as frames, by version
+
+SUBSCRIBE = "/grant_broker.v1.Evtchn/Subscribe"
+
+
+async def _raw_call(channel: FdChannel, call_id: int, method: str, request: bytes) -> FdFrame:
+    await channel.send(_call(call_id, method, request))
+    frame, _ = await asyncio.wait_for(channel.receive(), 5)
+    assert frame.WhichOneof("body") == "reply" and frame.reply.call_id == call_id, frame
+    assert frame.reply.WhichOneof("result") == "response", frame
+    return frame
+
+
+async def _raw_listener(broker: InProcessBroker, version: int, subscriptions: int) -> tuple[FdChannel, int, list[int]]:
+    """A raw session as domain 1 with a port offered to domain 2 and
+    *subscriptions* Subscribe calls of it (ids 101...); the port and the ids."""
+    channel, _ = await _raw_session(broker.socket_path, version=version, domid=1)
+    reply = await _raw_call(
+        channel, 1, "/grant_broker.v1.Evtchn/BindUnboundPort", evtchn_pb2.BindUnboundPortRequest(remote_domain=2).SerializeToString()
+    )
+    port = evtchn_pb2.BindResponse.FromString(reply.reply.response).port
+    ids = list(range(101, 101 + subscriptions))
+    for call_id in ids:
+        reply = await _raw_call(channel, call_id, SUBSCRIBE, evtchn_pb2.SubscribeRequest(ports=[port]).SerializeToString())
+        assert evtchn_pb2.Event.FromString(reply.reply.response).subscribed
+    return channel, port, ids
+
+
+async def test_the_broker_speaks_the_lower_of_the_two_fast_path_versions(broker: InProcessBroker) -> None:
+    for offered in (1, FAST_PATH_VERSION, FAST_PATH_VERSION + 7):
+        channel, _ = await _raw_session(broker.socket_path, version=offered)  # checks the version answered
+        channel.close()
+
+
+async def test_one_notification_reaches_every_subscription_of_a_session_in_one_events_frame(broker: InProcessBroker) -> None:
+    channel, port, ids = await _raw_listener(broker, FAST_PATH_VERSION, 12)
+    try:
+        async with await grant_broker_client.connect(broker.socket_path, domid=2, client_name="notifier") as notifier:
+            remote = await notifier.evtchn.bind_interdomain(remote_domain=1, remote_port=port)
+            await notifier.evtchn.notify(remote)
+            frame, _ = await asyncio.wait_for(channel.receive(), 5)
+            assert frame.WhichOneof("body") == "events", frame
+            (fired,) = frame.events.fired
+            assert fired.port == port
+            assert sorted([fired.call_id, *fired.also_call_ids]) == ids
+            assert not frame.events.lost
+    finally:
+        channel.close()
+
+
+async def test_a_version_1_client_gets_a_port_fired_frame_per_subscription(broker: InProcessBroker) -> None:
+    channel, port, ids = await _raw_listener(broker, 1, 3)
+    try:
+        async with await grant_broker_client.connect(broker.socket_path, domid=2, client_name="notifier") as notifier:
+            remote = await notifier.evtchn.bind_interdomain(remote_domain=1, remote_port=port)
+            await notifier.evtchn.notify(remote)
+            frames = [(await asyncio.wait_for(channel.receive(), 5))[0] for _ in ids]
+            assert all(frame.WhichOneof("body") == "port_fired" for frame in frames), frames
+            assert sorted(frame.port_fired.call_id for frame in frames) == ids
+            assert {frame.port_fired.port for frame in frames} == {port}
+    finally:
+        channel.close()
+
+
+async def test_a_refused_subscription_is_answered_with_its_error(broker: InProcessBroker) -> None:
+    channel, _ = await _raw_session(broker.socket_path, domid=1)
+    try:
+        await channel.send(_call(7, SUBSCRIBE, evtchn_pb2.SubscribeRequest(ports=[4242]).SerializeToString()))
+        frame, _ = await asyncio.wait_for(channel.receive(), 5)
+        assert frame.WhichOneof("body") == "reply" and frame.reply.call_id == 7
+        assert frame.reply.WhichOneof("result") == "error"
+        assert frame.reply.error.errno == errno.ENOTCONN  # not a port of this session
+        # The id is free again: a refused subscription is not in flight.
+        await _raw_call(channel, 7, DESCRIBE, broker_pb2.DescribeSessionRequest().SerializeToString())
+    finally:
+        channel.close()
+
+
+async def test_an_unbound_port_ends_its_subscriptions_with_enotconn_after_their_events(broker: InProcessBroker) -> None:
+    channel, port, ids = await _raw_listener(broker, FAST_PATH_VERSION, 2)
+    try:
+        async with await grant_broker_client.connect(broker.socket_path, domid=2, client_name="notifier") as notifier:
+            remote = await notifier.evtchn.bind_interdomain(remote_domain=1, remote_port=port)
+            await notifier.evtchn.notify(remote)
+            frame, _ = await asyncio.wait_for(channel.receive(), 5)
+            assert frame.WhichOneof("body") == "events"
+            await channel.send(_call(2, "/grant_broker.v1.Evtchn/Unbind", evtchn_pb2.UnbindRequest(port=port).SerializeToString()))
+            ends: dict[int, int] = {}
+            while len(ends) < len(ids):
+                frame, _ = await asyncio.wait_for(channel.receive(), 5)
+                if frame.WhichOneof("body") == "stream_end":
+                    ends[frame.stream_end.call_id] = frame.stream_end.error.errno
+            assert ends == {call_id: errno.ENOTCONN for call_id in ids}
+    finally:
+        channel.close()

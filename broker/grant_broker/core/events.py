@@ -531,7 +531,10 @@ class Subscription:
         self.ports = ports
         self.auto_unmask = auto_unmask
         self.queue_size = queue_size
-        self._queue: asyncio.Queue[_Entry] = asyncio.Queue(queue_size)
+        # A deque and waiters rather than an asyncio.Queue, whose own work per
+        # event was a good part of a fan-out to many subscriptions.
+        self._queue: collections.deque[_Entry] = collections.deque()
+        self._getters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._queued: set[int] = set()  # ports with an entry not yet taken: coalesced, not queued again
         self._waited: _Entry | None = None  # taken off the queue by a reader that then waited for its turn
         self._lost = 0  # dropped since the last queued event
@@ -540,6 +543,7 @@ class Subscription:
         self._ended = False  # nothing more will be queued
         self._unbound: int | None = None  # ended by the unbind of this port: the queue is yielded first
         self._carry: int | None = None  # port to yield after its Lost report
+        self._on_ready: Callable[[], None] | None = None
 
     @property
     def closed(self) -> bool:
@@ -548,6 +552,20 @@ class Subscription:
 
     def wants(self, port: int) -> bool:
         return not self.ports or port in self.ports
+
+    def on_ready(self, callback: Callable[[], None] | None) -> None:
+        """Call *callback* whenever an event is queued here or the
+        subscription ends — synchronously, from the fan-out, so it must only
+        take note — for a consumer that takes events with :meth:`get_nowait`
+        instead of iterating (the fast path's per-session event frames).
+        ``None`` stops it."""
+        self._on_ready = callback
+
+    @property
+    def takeable(self) -> bool:
+        """:meth:`get_nowait` has something for the consumer now: an event, or
+        the subscription's end to raise."""
+        return self._ended or self._carry is not None or self._waited is not None or bool(self._queue)
 
     def close(self) -> None:
         """Stop receiving; the iterator ends (StopAsyncIteration), and what is
@@ -564,15 +582,16 @@ class Subscription:
         coalesced into its event already queued here."""
         if port in self._queued:
             return False
-        try:
-            self._queue.put_nowait((self._lost, port))
-        except asyncio.QueueFull:
+        if len(self._queue) >= self.queue_size:
             self._lost += 1
             self.lost_total += 1
             self._fanout._hub._lost += 1
             return False
+        self._put((self._lost, port))
         self._queued.add(port)
         self._lost = 0
+        if self._on_ready is not None:
+            self._on_ready()
         return True
 
     def _drop(self, port: int) -> None:
@@ -586,11 +605,8 @@ class Subscription:
         if self._waited is not None and self._waited != _WAKE and self._waited[1] == port:
             # The head of the queue, taken off it: its loss moves to the next event kept.
             carried, self._waited = self._waited[0], None
-        while True:
-            try:
-                entry = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                break
+        while self._queue:
+            entry = self._queue.popleft()
             lost, queued = entry
             if entry != _WAKE and queued == port:
                 carried += lost
@@ -599,8 +615,7 @@ class Subscription:
                 entry, carried = (lost + carried, queued), 0
             kept.append(entry)
         self._lost += carried
-        for entry in kept:
-            self._queue.put_nowait(entry)
+        self._queue.extend(kept)
 
     def _end(self, *, unbound: int | None = None) -> None:
         """Nothing more will be queued.  Closed (*unbound* None): what is
@@ -612,14 +627,39 @@ class Subscription:
             self._unbound = unbound
         else:
             self._unbound = None
-            while not self._queue.empty():
-                self._queue.get_nowait()
+            self._queue.clear()
             self._queued.clear()
             self._waited = None
         self._ended = True
-        if self._queue.empty():
+        if not self._queue:
             # A reader can only be blocked on an empty queue: wake it to see the end.
-            self._queue.put_nowait(_WAKE)
+            self._put(_WAKE)
+        if self._on_ready is not None:
+            self._on_ready()
+
+    def _put(self, entry: _Entry) -> None:
+        self._queue.append(entry)
+        self._wake_next_getter()
+
+    async def _get(self) -> _Entry:
+        """The next entry, waiting for one (as ``asyncio.Queue.get``)."""
+        while not self._queue:
+            getter = self._fanout._loop.create_future()
+            self._getters.append(getter)
+            try:
+                await getter
+            except BaseException:
+                if getter.done() and not getter.cancelled() and self._queue:
+                    self._wake_next_getter()  # woken, then cancelled: the entry is another reader's
+                raise
+        return self._queue.popleft()
+
+    def _wake_next_getter(self) -> None:
+        while self._getters:
+            getter = self._getters.popleft()
+            if not getter.done():
+                getter.set_result(None)
+                return
 
     # ------------------------------------------------------------ consumer side
 
@@ -628,10 +668,10 @@ class Subscription:
 
     async def __anext__(self) -> FanoutEvent:
         while True:
-            if self._carry is None and self._waited is None and self._queue.empty() and not self._ended:
+            if self._carry is None and self._waited is None and not self._queue and not self._ended:
                 # Held here, not consumed, until this reader's turn comes: its
                 # port stays coalescing (_queued) and, if held, masked.
-                self._waited = await self._queue.get()
+                self._waited = await self._get()
             # Something to take (or the end to raise): wait for the fan-out's
             # turn first, then take it.
             await self._fanout._pacer.admit()
@@ -660,13 +700,11 @@ class Subscription:
             if event is not None:
                 return event
         while True:
-            try:
-                entry = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
+            if not self._queue:
                 if self._ended:
                     self._raise_end()
                 return None
-            event = self._consume(entry)
+            event = self._consume(self._queue.popleft())
             if event is not None:
                 return event
 
@@ -714,6 +752,6 @@ class Subscription:
 
     def __repr__(self) -> str:
         which = sorted(self.ports) if self.ports else "all"
-        queued = self._queue.qsize() + (self._waited is not None)
+        queued = len(self._queue) + (self._waited is not None)
         return f"<Subscription ports={which} queued={queued}/{self.queue_size} lost={self.lost_total}>"
 

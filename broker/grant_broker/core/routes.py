@@ -10,11 +10,13 @@ table cannot disagree with the schema.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.message import Message
 
+from grant_broker.core.events import Subscription
 from grant_broker.core.operations import broker, copyring, evtchn, gntalloc, gntdev, membuf
 from grant_broker.core.reply import Reply
 from grant_broker.core.session import Session
@@ -23,6 +25,7 @@ from grant_broker_protocol.v1 import evtchn_pb2
 
 UnaryOperation = Callable[[Any, Any], Awaitable[Reply[Any]]]
 StreamOperation = Callable[[Any, Any], AsyncIterator[Any]]
+SubscriptionOpener = Callable[[Any, Any], AbstractContextManager[Subscription]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,10 @@ class Route:
     operation: UnaryOperation | StreamOperation
     streaming: bool = False
     session_optional: bool = False
+    subscription: SubscriptionOpener | None = None
+    """For an event subscription: the opener a transport that takes the events
+    itself uses instead of the stream (the fast path's per-session frames);
+    it checks and counts exactly what the stream does."""
 
     @property
     def method_info(self) -> Method:
@@ -93,6 +100,9 @@ def build_routes(status: broker.BrokerStatus, *, streams_ended: Callable[[], boo
     def subscribe(session: Session, request: evtchn_pb2.SubscribeRequest) -> AsyncIterator[evtchn_pb2.Event]:
         return evtchn.subscribe(session, request, refuse_new=streams_ended)
 
+    def open_subscription(session: Session, request: evtchn_pb2.SubscribeRequest) -> AbstractContextManager[Subscription]:
+        return evtchn.opened_subscription(session, request, refuse_new=streams_ended)
+
     return (
         _unary("Broker", "DescribeSession", broker.describe_session),
         _unary("Broker", "Status", status.status, session_optional=True),
@@ -123,7 +133,7 @@ def build_routes(status: broker.BrokerStatus, *, streams_ended: Callable[[], boo
         _unary("Evtchn", "Unmask", evtchn.unmask),
         _unary("Evtchn", "Reset", evtchn.reset),
         _unary("Evtchn", "RestrictDomid", evtchn.restrict_domid),
-        Route("Evtchn", "Subscribe", subscribe, streaming=True),
+        Route("Evtchn", "Subscribe", subscribe, streaming=True, subscription=open_subscription),
         _unary("MemBuf", "Alloc", membuf.alloc),
         _unary("MemBuf", "Export", membuf.export),
         _unary("MemBuf", "Import", membuf.import_),

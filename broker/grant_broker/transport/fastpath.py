@@ -6,13 +6,17 @@ datagram and its reply — with the reply's descriptors — as another, with no
 rendezvous between two sockets.  Calls are served by the same route table,
 hence the same operations, as gRPC (see ``fdchannel.proto`` for the frames).
 
-Per session: many calls in flight, each in a task of its own, at most
-``Limits.max_fast_calls_in_flight`` unary calls at once — at the bound the
-frame reader waits, so the client's further frames stay in its own socket
-buffer.  Streams are bounded by the subscription budget instead.  Event
-subscriptions send ``PortFired``/``EventsLost`` frames from their own bounded
-queue (the fan-out's): a client that does not read fills the queue and is
-told what it lost, the broker never blocks on it.
+Per session: many calls in flight, at most ``Limits.max_fast_calls_in_flight``
+unary calls at once — at the bound the frame reader waits, so the client's
+further frames stay in its own socket buffer.  A call is served straight from
+the reader callback up to its first wait (:mod:`.eager`): one that never waits
+is answered there, one that does goes on in a task of its own.  Streams are
+bounded by the subscription budget instead.  Event subscriptions deliver from
+their own bounded queue (the fan-out's): a client that does not read fills
+the queue and is told what it lost, the broker never blocks on it.  From
+fast-path version 2 on, a session's subscriptions send their events together,
+one ``Events`` frame a turn (:mod:`.fastevents`); version 1 clients get a
+``PortFired``/``EventsLost`` frame per event from a stream per subscription.
 
 Every call is reported, once it ends, to its method's
 :class:`~grant_broker.core.observe.CallRecorder` (``FastPath._serve``).
@@ -35,8 +39,10 @@ from grant_broker.core.observe import NO_RECORDER, CallRecorder
 from grant_broker.core.reply import Reply
 from grant_broker.core.routes import Route, StreamOperation, UnaryOperation
 from grant_broker.core.session import Session
+from grant_broker.transport.eager import start_eagerly
+from grant_broker.transport.fastevents import FastEvents
 from grant_broker_protocol.errors import BrokerError, error_detail
-from grant_broker_protocol.fdchannel import MAX_FDS_PER_FRAME, ProtocolError
+from grant_broker_protocol.fdchannel import FAST_PATH_EVENTS_FRAME, FAST_PATH_VERSION, MAX_FDS_PER_FRAME, ProtocolError
 from grant_broker_protocol.methods import FD_TRANSFER_FIELD
 from grant_broker_protocol.v1 import evtchn_pb2
 from grant_broker_protocol.v1.fdchannel_pb2 import (
@@ -61,8 +67,12 @@ class FastPath:
         max_in_flight: int,
         recorders: Mapping[str, CallRecorder] | None = None,
         unknown: CallRecorder = NO_RECORDER,
+        *,
+        version: int = FAST_PATH_VERSION,
     ) -> None:
         self._session = session
+        # From version 2 on, subscriptions are the session's FastEvents (one frame a turn), not streams.
+        self._events = FastEvents(session) if version >= FAST_PATH_EVENTS_FRAME else None
         self._routes = routes
         # By method name as *routes*: how each call ended (the metrics); *unknown* for a name no route has.
         self._recorders: Mapping[str, CallRecorder] = recorders or {}
@@ -89,9 +99,16 @@ class FastPath:
         call_id = call.call_id
         if call_id == 0:
             raise ProtocolError("call id 0 is reserved")
-        if call_id in self._calls or any(waiting.call_id == call_id for waiting in self._waiting):
+        if (
+            call_id in self._calls
+            or (self._events is not None and call_id in self._events)
+            or any(waiting.call_id == call_id for waiting in self._waiting)
+        ):
             raise ProtocolError(f"call id {call_id} is already in flight")
         route = self._routes.get(call.method)
+        if route is not None and route.subscription is not None and self._events is not None:
+            self._subscribe(call_id, route, call.request)
+            return
         # A stream lives as long as its subscription, bounded by the
         # subscription budget: it takes no call slot, or a session's long-lived
         # streams would leave its calls (and its Cancel frames) unserved.
@@ -108,7 +125,12 @@ class FastPath:
         call_id = call.call_id
         if counted:
             self._unary_in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._serve(call_id, call.method, call.request))
+        # Served from the reader callback up to its first wait: a call that
+        # never waits is answered with no task at all (see transport/eager.py).
+        task = start_eagerly(self._serve(call_id, call.method, call.request))
+        if task is None:
+            self._finished(call_id, counted)
+            return
         self._calls[call_id] = task
         task.add_done_callback(lambda _: self._finished(call_id, counted))
 
@@ -123,11 +145,30 @@ class FastPath:
             if not self._waiting:
                 self._session.channel.resume_reading()
 
+    def _subscribe(self, call_id: int, route: Route, payload: bytes) -> None:
+        """A Subscribe call, served by the session's FastEvents: opened and
+        answered now, from the reader callback."""
+        assert self._events is not None and route.subscription is not None
+        recorder = self._recorders.get(route.full_name, self._unknown)
+        started = perf_counter()
+        try:
+            try:
+                request = route.request_type.FromString(payload)
+            except DecodeError as exc:
+                raise BrokerError(errno.EINVAL, route.method, f"the request does not decode: {exc}") from None
+            self._events.subscribe(call_id, route.subscription, request, recorder)
+        except Exception as exc:  # noqa: BLE001 - told to the client, never swallowed
+            error = as_broker_error(exc)
+            recorder.record(error.errno, perf_counter() - started)
+            self._events.refuse(call_id, error)
+
     def cancel(self, call_id: int) -> None:
         """The client ends a stream; an unknown id is ignored — the stream may
         have ended on its own meanwhile.  A unary call runs to its end: cut
         short at an await, what it already got from a device (a descriptor
         from a worker thread) would have no owner."""
+        if self._events is not None and self._events.cancel(call_id):
+            return
         task = self._calls.get(call_id)
         if task is not None and call_id in self._streams:
             task.cancel()
@@ -140,9 +181,13 @@ class FastPath:
         for call_id in sorted(self._streams):
             self._session.channel.send_nowait(FdFrame(stream_end=StreamEnd(call_id=call_id)))
         self._streams.clear()
+        if self._events is not None:
+            self._events.end_all()
 
     async def close(self) -> None:
         """Stop serving every call (the session ends)."""
+        if self._events is not None:
+            self._events.close()
         tasks = list(self._calls.values())
         for task in tasks:
             task.cancel()

@@ -137,7 +137,9 @@ class FdChannelServer:
             )
         except BrokerError as exc:
             raise ProtocolError(exc.detail or str(exc), errno=exc.errno) from None
-        fast_path = self._routes and hello.fast_path_version >= FAST_PATH_VERSION
+        # The lower of the two ends' versions; 0: calls go over gRPC only.
+        fast_path_version = min(hello.fast_path_version, FAST_PATH_VERSION) if self._routes else 0
+        fast_path = fast_path_version > 0
         limits = self.registry.limits
         try:
             await channel.send(
@@ -149,7 +151,7 @@ class FdChannelServer:
                         domid=session.domid,
                         vmid=session.vmid,
                         max_fds_per_frame=MAX_FDS_PER_FRAME,
-                        fast_path_version=FAST_PATH_VERSION if fast_path else 0,
+                        fast_path_version=fast_path_version,
                         max_frame_bytes=FAST_PATH_FRAME_BYTES if fast_path else channel.max_frame_bytes,
                         max_calls_in_flight=limits.max_fast_calls_in_flight if fast_path else 0,
                     )
@@ -161,7 +163,9 @@ class FdChannelServer:
         if not fast_path:
             return session, None
         channel.max_frame_bytes = FAST_PATH_FRAME_BYTES
-        return session, FastPath(session, self._routes, limits.max_fast_calls_in_flight, self._recorders, self._unknown)
+        return session, FastPath(
+            session, self._routes, limits.max_fast_calls_in_flight, self._recorders, self._unknown, version=fast_path_version
+        )
 
     async def _receive_frames(self, session: Session, fast: FastPath | None) -> None:
         """Serve the session's frames, each straight from the channel's reader

@@ -27,16 +27,17 @@ The gntdev / gntalloc unmap notifications find the session's ports with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
 from grant_broker.core import audit
 from grant_broker.core.budgets import PORTS, SUBSCRIPTIONS
 from grant_broker.core.checks import check_domid, check_peers, invalid
-from grant_broker.core.events import MAX_QUEUE_SIZE, EventFanout, Fired, PortUnbound
+from grant_broker.core.events import MAX_QUEUE_SIZE, EventFanout, Fired, PortUnbound, Subscription
 from grant_broker.core.registry import SessionRegistry
 from grant_broker.core.reply import Reply
 from grant_broker.core.session import Session
@@ -251,13 +252,24 @@ async def restrict_domid(session: Session, request: evtchn_pb2.RestrictDomidRequ
 # ---------------------------------------------------------------- events
 
 
-async def subscribe(
+SUBSCRIBE_OPERATION: Final = "evtchn subscribe"
+
+
+@contextlib.contextmanager
+def opened_subscription(
     session: Session, request: evtchn_pb2.SubscribeRequest, *, refuse_new: Callable[[], bool] = lambda: False
-) -> AsyncIterator[evtchn_pb2.Event]:
-    """The events of the ports *request* names (every port of the session if
-    none), first ``Event(subscribed=True)``; ends when the session does.
-    *refuse_new* says the broker is shutting down (EAGAIN)."""
-    operation = "evtchn subscribe"
+) -> Iterator[Subscription]:
+    """A subscription to the ports *request* names (every port of the session
+    if none), checked and counted against the session's budget while it is
+    open; registered before this yields, so nothing that fires from then on
+    is missed.  *refuse_new* says the broker is shutting down (EAGAIN).
+
+    Both deliveries open it here: :func:`subscribe` (a stream of ``Event``
+    messages, what gRPC serves) and the fast path's per-session event frames,
+    which take events with ``Subscription.get_nowait`` and tell a
+    subscription's end by :func:`subscription_end`.
+    """
+    operation = SUBSCRIBE_OPERATION
     if refuse_new():
         raise BrokerError(errno.EAGAIN, operation, "the broker is shutting down")
     if request.queue_size > MAX_QUEUE_SIZE:
@@ -276,30 +288,53 @@ async def subscribe(
     try:
         fanout = session_fanout(session)
         auto_unmask = request.auto_unmask if request.HasField("auto_unmask") else True
-        # Registered before the marker is yielded: whatever fires after the
-        # client sees `subscribed` reaches this stream.
         subscription = fanout.subscribe(request.ports, auto_unmask=auto_unmask, queue_size=request.queue_size)
     except BaseException:
         session.credit(SUBSCRIPTIONS)
         raise
     session.usage.subscriptions += 1
     try:
-        yield evtchn_pb2.Event(subscribed=True)
-        while True:
-            try:
-                event = await anext(subscription)
-            except StopAsyncIteration:
-                return  # the session ended: the stream ends with OK
-            except PortUnbound as end:
-                raise BrokerError(errno.ENOTCONN, operation, f"{end}: the subscription has ended") from None
-            except Exception as exc:  # noqa: BLE001 - the device failed under the fan-out
-                raise BrokerError(errno.EIO, operation, f"reading the session's event channel device failed: {exc}") from exc
-            if isinstance(event, Fired):
-                yield evtchn_pb2.Event(port=event.port)
-            else:
-                yield evtchn_pb2.Event(lost=event.count)
+        yield subscription
     finally:
         subscription.close()
         session.usage.subscriptions -= 1
         session.credit(SUBSCRIPTIONS)
+
+
+def subscription_end(exc: Exception) -> BrokerError | None:
+    """How a subscription ended, from what taking its next event raised:
+    ``None`` when it ended normally (closed, or its session ended), else the
+    error its stream ends with (ENOTCONN: a port it names was unbound; EIO: the
+    device failed under the fan-out)."""
+    if isinstance(exc, StopAsyncIteration):
+        return None
+    if isinstance(exc, PortUnbound):
+        return BrokerError(errno.ENOTCONN, SUBSCRIBE_OPERATION, f"{exc}: the subscription has ended")
+    error = BrokerError(errno.EIO, SUBSCRIBE_OPERATION, f"reading the session's event channel device failed: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+async def subscribe(
+    session: Session, request: evtchn_pb2.SubscribeRequest, *, refuse_new: Callable[[], bool] = lambda: False
+) -> AsyncIterator[evtchn_pb2.Event]:
+    """The events of the ports *request* names (every port of the session if
+    none), first ``Event(subscribed=True)``; ends when the session does.
+    *refuse_new* says the broker is shutting down (EAGAIN)."""
+    with opened_subscription(session, request, refuse_new=refuse_new) as subscription:
+        # Registered before the marker is yielded: whatever fires after the
+        # client sees `subscribed` reaches this stream.
+        yield evtchn_pb2.Event(subscribed=True)
+        while True:
+            try:
+                event = await anext(subscription)
+            except Exception as exc:  # noqa: BLE001 - the end of the subscription, told as such
+                error = subscription_end(exc)
+                if error is None:
+                    return  # the session ended: the stream ends with OK
+                raise error from error.__cause__
+            if isinstance(event, Fired):
+                yield evtchn_pb2.Event(port=event.port)
+            else:
+                yield evtchn_pb2.Event(lost=event.count)
 
