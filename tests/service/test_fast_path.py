@@ -9,8 +9,10 @@ datagram, and frames a client should never send.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -356,19 +358,30 @@ async def _raw_call(channel: FdChannel, call_id: int, method: str, request: byte
     return frame
 
 
-async def _raw_listener(broker: InProcessBroker, version: int, subscriptions: int) -> tuple[FdChannel, int, list[int]]:
-    """A raw session as domain 1 with a port offered to domain 2 and
-    *subscriptions* Subscribe calls of it (ids 101...); the port and the ids."""
+@contextlib.asynccontextmanager
+async def _notified_listener(
+    broker: InProcessBroker, version: int, subscriptions: int
+) -> AsyncIterator[tuple[FdChannel, int, list[int]]]:
+    """A raw session as domain 1, speaking fast-path *version*, with a port
+    offered to domain 2 and *subscriptions* Subscribe calls of it (ids
+    101...), once domain 2 has notified the port: the channel, the port, the ids."""
     channel, _ = await _raw_session(broker.socket_path, version=version, domid=1)
-    reply = await _raw_call(
-        channel, 1, "/grant_broker.v1.Evtchn/BindUnboundPort", evtchn_pb2.BindUnboundPortRequest(remote_domain=2).SerializeToString()
-    )
-    port = evtchn_pb2.BindResponse.FromString(reply.reply.response).port
-    ids = list(range(101, 101 + subscriptions))
-    for call_id in ids:
-        reply = await _raw_call(channel, call_id, SUBSCRIBE, evtchn_pb2.SubscribeRequest(ports=[port]).SerializeToString())
-        assert evtchn_pb2.Event.FromString(reply.reply.response).subscribed
-    return channel, port, ids
+    try:
+        reply = await _raw_call(
+            channel, 1, "/grant_broker.v1.Evtchn/BindUnboundPort",
+            evtchn_pb2.BindUnboundPortRequest(remote_domain=2).SerializeToString(),
+        )
+        port = evtchn_pb2.BindResponse.FromString(reply.reply.response).port
+        ids = list(range(101, 101 + subscriptions))
+        for call_id in ids:
+            reply = await _raw_call(channel, call_id, SUBSCRIBE, evtchn_pb2.SubscribeRequest(ports=[port]).SerializeToString())
+            assert evtchn_pb2.Event.FromString(reply.reply.response).subscribed
+        async with await grant_broker_client.connect(broker.socket_path, domid=2, client_name="notifier") as notifier:
+            remote = await notifier.evtchn.bind_interdomain(remote_domain=1, remote_port=port)
+            await notifier.evtchn.notify(remote)
+        yield channel, port, ids
+    finally:
+        channel.close()
 
 
 async def test_the_broker_speaks_the_lower_of_the_two_fast_path_versions(broker: InProcessBroker) -> None:
@@ -378,33 +391,21 @@ async def test_the_broker_speaks_the_lower_of_the_two_fast_path_versions(broker:
 
 
 async def test_one_notification_reaches_every_subscription_of_a_session_in_one_events_frame(broker: InProcessBroker) -> None:
-    channel, port, ids = await _raw_listener(broker, FAST_PATH_VERSION, 12)
-    try:
-        async with await grant_broker_client.connect(broker.socket_path, domid=2, client_name="notifier") as notifier:
-            remote = await notifier.evtchn.bind_interdomain(remote_domain=1, remote_port=port)
-            await notifier.evtchn.notify(remote)
-            frame, _ = await asyncio.wait_for(channel.receive(), 5)
-            assert frame.WhichOneof("body") == "events", frame
-            (fired,) = frame.events.fired
-            assert fired.port == port
-            assert sorted([fired.call_id, *fired.also_call_ids]) == ids
-            assert not frame.events.lost
-    finally:
-        channel.close()
+    async with _notified_listener(broker, FAST_PATH_VERSION, 12) as (channel, port, ids):
+        frame, _ = await asyncio.wait_for(channel.receive(), 5)
+        assert frame.WhichOneof("body") == "events", frame
+        (fired,) = frame.events.fired
+        assert fired.port == port
+        assert sorted([fired.call_id, *fired.also_call_ids]) == ids
+        assert not frame.events.lost
 
 
 async def test_a_version_1_client_gets_a_port_fired_frame_per_subscription(broker: InProcessBroker) -> None:
-    channel, port, ids = await _raw_listener(broker, 1, 3)
-    try:
-        async with await grant_broker_client.connect(broker.socket_path, domid=2, client_name="notifier") as notifier:
-            remote = await notifier.evtchn.bind_interdomain(remote_domain=1, remote_port=port)
-            await notifier.evtchn.notify(remote)
-            frames = [(await asyncio.wait_for(channel.receive(), 5))[0] for _ in ids]
-            assert all(frame.WhichOneof("body") == "port_fired" for frame in frames), frames
-            assert sorted(frame.port_fired.call_id for frame in frames) == ids
-            assert {frame.port_fired.port for frame in frames} == {port}
-    finally:
-        channel.close()
+    async with _notified_listener(broker, 1, 3) as (channel, port, ids):
+        frames = [(await asyncio.wait_for(channel.receive(), 5))[0] for _ in ids]
+        assert all(frame.WhichOneof("body") == "port_fired" for frame in frames), frames
+        assert sorted(frame.port_fired.call_id for frame in frames) == ids
+        assert {frame.port_fired.port for frame in frames} == {port}
 
 
 async def test_a_refused_subscription_is_answered_with_its_error(broker: InProcessBroker) -> None:
@@ -422,19 +423,13 @@ async def test_a_refused_subscription_is_answered_with_its_error(broker: InProce
 
 
 async def test_an_unbound_port_ends_its_subscriptions_with_enotconn_after_their_events(broker: InProcessBroker) -> None:
-    channel, port, ids = await _raw_listener(broker, FAST_PATH_VERSION, 2)
-    try:
-        async with await grant_broker_client.connect(broker.socket_path, domid=2, client_name="notifier") as notifier:
-            remote = await notifier.evtchn.bind_interdomain(remote_domain=1, remote_port=port)
-            await notifier.evtchn.notify(remote)
+    async with _notified_listener(broker, FAST_PATH_VERSION, 2) as (channel, port, ids):
+        frame, _ = await asyncio.wait_for(channel.receive(), 5)
+        assert frame.WhichOneof("body") == "events"
+        await channel.send(_call(2, "/grant_broker.v1.Evtchn/Unbind", evtchn_pb2.UnbindRequest(port=port).SerializeToString()))
+        ends: dict[int, int] = {}
+        while len(ends) < len(ids):
             frame, _ = await asyncio.wait_for(channel.receive(), 5)
-            assert frame.WhichOneof("body") == "events"
-            await channel.send(_call(2, "/grant_broker.v1.Evtchn/Unbind", evtchn_pb2.UnbindRequest(port=port).SerializeToString()))
-            ends: dict[int, int] = {}
-            while len(ends) < len(ids):
-                frame, _ = await asyncio.wait_for(channel.receive(), 5)
-                if frame.WhichOneof("body") == "stream_end":
-                    ends[frame.stream_end.call_id] = frame.stream_end.error.errno
-            assert ends == {call_id: errno.ENOTCONN for call_id in ids}
-    finally:
-        channel.close()
+            if frame.WhichOneof("body") == "stream_end":
+                ends[frame.stream_end.call_id] = frame.stream_end.error.errno
+        assert ends == {call_id: errno.ENOTCONN for call_id in ids}
