@@ -101,6 +101,8 @@ class FastCalls:
         self._replies[call_id] = waiter
         try:
             await self._channel.send(FdFrame(call=Call(call_id=call_id, method=method, request=request.SerializeToString())))
+            if timeout is None:
+                return await waiter
             async with asyncio.timeout(timeout):
                 return await waiter
         except TimeoutError:

@@ -40,6 +40,12 @@ FAST_PATH_EVENTS_FRAME = 2
 FAST_PATH_FRAME_BYTES = 65536
 """The largest datagram once the fast path is agreed: a packed map of 1024 refs fits."""
 _FD_SIZE = array.array("i").itemsize
+# As plain ints: the socket module's are enum flags, whose `&` runs Python
+# code — measurable on a path taken twice per call.
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * _FD_SIZE)
 
 
@@ -191,7 +197,7 @@ class FdChannel:
         payload = frame.SerializeToString()
         if len(payload) > self.max_frame_bytes:
             raise ValueError(f"frame of {len(payload)} bytes exceeds {self.max_frame_bytes}")
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        ancillary = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
         while True:
             try:
                 self._sock.sendmsg([payload], ancillary)
@@ -256,21 +262,21 @@ class FdChannel:
             return None
         fds: list[OwnedFd] = []
         for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
                 received = array.array("i")
                 received.frombytes(data[: len(data) - (len(data) % _FD_SIZE)])
                 fds.extend(OwnedFd(fd) for fd in received)
         try:
-            if not payload and not ancillary and not flags & socket.MSG_CTRUNC:
+            if not payload and not ancillary and not flags & _MSG_CTRUNC:
                 raise ChannelClosed("the peer closed the fd channel")
-            if flags & socket.MSG_CTRUNC:
+            if flags & _MSG_CTRUNC:
                 if not accept_fds:
                     raise ProtocolError("descriptors sent where none are accepted (they were dropped unopened)")
                 dropped = _dropped_here(payload, len(fds))
                 if dropped is not None:
                     raise dropped
                 raise ProtocolError("descriptors were truncated (MSG_CTRUNC): too many in one frame")
-            if flags & socket.MSG_TRUNC:
+            if flags & _MSG_TRUNC:
                 raise ProtocolError(f"frame larger than {self.max_frame_bytes} bytes")
             frame = FdFrame()
             try:
