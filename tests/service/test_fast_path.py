@@ -433,3 +433,21 @@ async def test_an_unbound_port_ends_its_subscriptions_with_enotconn_after_their_
             if frame.WhichOneof("body") == "stream_end":
                 ends[frame.stream_end.call_id] = frame.stream_end.error.errno
         assert ends == {call_id: errno.ENOTCONN for call_id in ids}
+
+
+async def test_the_sdk_reads_events_from_a_broker_that_speaks_version_1(
+    broker: InProcessBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The SDK asks for version 1, as talking to a broker from before the
+    # Events frame: the events come one PortFired frame per subscription.
+    monkeypatch.setattr("grant_broker_client.session.FAST_PATH_VERSION", 1)
+    async with await grant_broker_client.connect(broker.socket_path, domid=1, client_name="v1 listener") as listener, \
+               await grant_broker_client.connect(broker.socket_path, domid=2, client_name="notifier") as notifier:
+        assert listener.fast_path
+        offered = await listener.evtchn.bind_unbound_port(remote_domain=2)
+        remote = await notifier.evtchn.bind_interdomain(remote_domain=1, remote_port=offered)
+        async with listener.evtchn.subscribe([offered]) as first, listener.evtchn.subscribe([offered]) as second:
+            await notifier.evtchn.notify(remote)
+            for subscription in (first, second):
+                event = await asyncio.wait_for(anext(subscription), 5)
+                assert event.port == offered  # type: ignore[union-attr]
