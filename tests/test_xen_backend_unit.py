@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from grant_broker.backend.contract import PAGE_SIZE, CopyForeign, CopyLocal, GrantCopySegment, GrantRef
+from grant_broker.backend.contract import PAGE_SIZE, CopyForeign, CopyLocal, GrantCopySegment, GrantRef, GrantRefs
 from grant_broker.backend.xen import XenBackend, XenDevices, XenEvtchn, XenGntalloc, XenGntdev
 from grant_broker.backend.xen import backend as xen_backend
 from grant_broker.backend.xen import evtchn as xen_evtchn
@@ -125,6 +125,15 @@ def test_map_grant_refs_passes_the_flexible_struct_and_returns_the_index(kernel:
     assert call.request == G.IOCTL_GNTDEV_MAP_GRANT_REF
     # struct ioctl_gntdev_map_grant_ref { u32 count; u32 pad; u64 index; struct { u32 domid, ref; } refs[count]; }
     assert call.data == struct.pack("=IIQ4I", 2, 0, 0, 1, 8, 2, 9)
+
+
+def test_packed_grant_refs_fill_the_same_struct(kernel: FakeKernel, gntdev: XenGntdev) -> None:
+    # The broker passes GrantRefs (one domid for all, or one each): the refs array is filled from them at once.
+    gntdev.map_grant_refs(GrantRefs(7, [8, 9, 10]))
+    gntdev.map_grant_refs(GrantRefs([1, 2], [8, 9]))
+    first, second = kernel.calls
+    assert first.data == struct.pack("=IIQ6I", 3, 0, 0, 7, 8, 7, 9, 7, 10)
+    assert second.data == struct.pack("=IIQ4I", 2, 0, 0, 1, 8, 2, 9)
 
 
 def test_unmap_grant_ref_encoding(kernel: FakeKernel, gntdev: XenGntdev) -> None:

@@ -11,7 +11,7 @@ import errno
 
 import pytest
 
-from grant_broker.backend.contract import PAGE_SIZE, GrantRef
+from grant_broker.backend.contract import PAGE_SIZE, GrantRef, GrantRefs
 from grant_broker_protocol.errors import BrokerError
 from grant_broker_protocol.memory import map_spans
 from grant_broker.uapi.grant_table import GNTST_bad_domain, GNTST_bad_gntref, GNTST_general_error
@@ -248,6 +248,49 @@ def test_one_bad_ref_fails_the_whole_mapping(domains) -> None:
             gntdev.map_memory(index, 2, writable=True)
         assert caught.value.errno == errno.EINVAL
         gntdev.unmap_grant_ref(index, 2)
+
+
+def test_a_refusal_amid_a_batch_names_that_ref_and_the_others_stay_mappable(domains) -> None:
+    with granted_pages(domains.peer, domains.local.domid, 3) as (_, allocation), domains.local.open_gntdev() as gntdev:
+        good = grant_refs(domains.peer, allocation)
+        refs = good[:2] + [GrantRef(domains.peer.domid, BEYOND_ANY_GRANT_TABLE)] + good[2:]
+        index = gntdev.map_grant_refs(refs)
+        with pytest.raises(BrokerError) as caught:
+            gntdev.map_memory(index, 4, writable=False)
+        assert caught.value.errno == errno.EINVAL
+        assert f"ref {BEYOND_ANY_GRANT_TABLE}" in caught.value.detail
+        gntdev.unmap_grant_ref(index, 4)
+        with grantee_view(gntdev, good, writable=False):
+            pass
+
+
+def test_packed_grant_refs_map_as_grant_ref_objects_do(domains) -> None:
+    with (
+        granted_pages(domains.peer, domains.local.domid, 3) as (gntalloc, allocation),
+        granter_view(gntalloc, allocation) as granter,
+        domains.local.open_gntdev() as gntdev,
+        grantee_view(gntdev, GrantRefs(domains.peer.domid, allocation.refs[::-1])) as (_, grantee),
+    ):
+        for page in range(3):
+            granter[page * PAGE_SIZE] = ord("a") + page
+        assert bytes(grantee.view[0 : 3 * PAGE_SIZE : PAGE_SIZE]) == b"cba"
+
+
+def test_a_ref_given_twice_is_mapped_twice(domains) -> None:
+    # As on Linux (each grant of the request is a map of its own): both pages are the granted page.
+    with (
+        granted_pages(domains.peer, domains.local.domid, 2) as (gntalloc, allocation),
+        granter_view(gntalloc, allocation) as granter,
+        domains.local.open_gntdev() as gntdev,
+    ):
+        first, second = grant_refs(domains.peer, allocation)
+        with grantee_view(gntdev, [first, second, first]) as (_, grantee):
+            granter[0:5] = b"twice"
+            assert bytes(grantee.view[0:5]) == bytes(grantee.view[2 * PAGE_SIZE : 2 * PAGE_SIZE + 5]) == b"twice"
+            grantee.view[2 * PAGE_SIZE] = ord("T")
+            assert bytes(granter[0:5]) == b"Twice"
+        with grantee_view(gntdev, [first]) as (_, again):  # and nothing of it stays behind
+            assert bytes(again.view[0:5]) == b"Twice"
 
 
 def test_offset_for_vaddr_gives_index_and_count_of_the_mapping(domains) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from grant_broker.backend.contract import GrantRef
+from grant_broker.backend.contract import GrantRef, GrantRefs
 from grant_broker.core import audit
 from grant_broker.core.operations import evtchn, gntalloc, gntdev
 from grant_broker.core.policy import DomainGrant, Limits, Policy
@@ -154,6 +154,10 @@ async def test_a_reservation_is_a_map(core: Core, records: Records) -> None:
 def test_grants_of_several_domains_name_the_domain_of_each_ref() -> None:
     assert audit._grants((GrantRef(3, 8), GrantRef(3, 9))) == {"remote_domain": 3, "refs": [8, 9]}
     assert audit._grants((GrantRef(3, 8), GrantRef(4, 9))) == {"remote_domain": [3, 4], "refs": [8, 9]}
+    # Packed, as the map path keeps them: the same record.
+    assert audit._grants(GrantRefs(3, [8, 9])) == {"remote_domain": 3, "refs": [8, 9]}
+    assert audit._grants(GrantRefs([3, 4], [8, 9])) == {"remote_domain": [3, 4], "refs": [8, 9]}
+    assert audit._grants(GrantRefs([], [])) == audit._grants(()) == {"remote_domain": None, "refs": []}
 
 
 async def test_shared_pages_and_their_release_are_one_record_each(core: Core, records: Records) -> None:

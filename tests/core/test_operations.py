@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from grant_broker.backend.contract import PAGE_SIZE
+from grant_broker.backend.contract import PAGE_SIZE, GrantRef, GrantRefs
 from grant_broker.core.operations import broker, evtchn, gntalloc, gntdev, membuf
 from grant_broker.core.policy import Limits, Policy
 from grant_broker.core.reply import Reply
@@ -34,6 +34,7 @@ from grant_broker_protocol.abi import (
     UNMAP_NOTIFY_SEND_EVENT,
 )
 from grant_broker_protocol.errors import BrokerError
+from grant_broker.uapi.grant_table import GNTST_general_error
 from grant_broker_protocol.fds import OwnedFd, open_fd_count
 from grant_broker_protocol.v1 import broker_pb2, common_pb2, evtchn_pb2, gntalloc_pb2, gntdev_pb2, membuf_pb2
 
@@ -233,6 +234,77 @@ async def test_unmap_returns_usage_to_zero(core: Core) -> None:
     await gntdev.unmap_grant_ref(session, gntdev_pb2.UnmapGrantRefRequest(index=reply.message.index, count=2))
     assert usage(session) == {}
     assert gntdev.gntdev_state(session).mappings == {}
+
+
+async def test_map_keeps_the_grants_packed_from_the_request_to_the_device(core: Core) -> None:
+    granted = core.grant(3)
+    session = core.session()
+    reply = await map_all(session, granted)
+    reply.close()
+    (mapping,) = gntdev.gntdev_state(session).mappings.values()
+    # One domid and an array of refs, no object per grant (read as GrantRefs all the same).
+    assert isinstance(mapping.refs, GrantRefs)
+    assert (mapping.refs.domid, mapping.refs.refs.tolist()) == (PEER, granted.refs)
+    assert mapping.refs == tuple(GrantRef(PEER, ref) for ref in granted.refs)
+
+
+async def test_map_of_grants_of_several_domains_maps_each_from_its_own(core: Core) -> None:
+    granted = core.grant(2)
+    write_peer(granted, b"peer 0", page=0)
+    write_peer(granted, b"peer 1", page=1)
+    session = core.session()
+    with core.hypervisor.backend(3, vmid=MEM_BUF_VMID_TRUSTED_VM) as third, third.open_gntalloc() as other:
+        allocation = other.alloc_gref(SELF, 1)
+        (span,) = other.memory_spans(allocation.index, 1)
+        with span.fd, mmap.mmap(span.fd.fileno(), span.length, mmap.MAP_SHARED, offset=span.offset) as memory:
+            memory[0:7] = b"third 0"
+        request = gntdev_pb2.MapRequest(domids=[PEER, 3, PEER], refs=[granted.refs[0], allocation.refs[0], granted.refs[1]])
+        reply = await gntdev.map_(session, request)
+        with closing(reply):
+            content = b"".join(read_span(reply, i, reply.message.spans[i].length) for i in range(len(reply.fds)))
+        assert [content[page * PAGE_SIZE : page * PAGE_SIZE + 7] for page in range(3)] == [b"peer 0\0", b"third 0", b"peer 1\0"]
+        refs = gntdev.gntdev_state(session).mappings[reply.message.index].refs
+        assert refs.domid is None and refs.domids.tolist() == [PEER, 3, PEER]
+        await gntdev.unmap_grant_ref(session, gntdev_pb2.UnmapGrantRefRequest(index=reply.message.index, count=3))
+
+
+async def test_a_ref_given_twice_in_one_map_is_mapped_twice_and_ends_once(core: Core) -> None:
+    granted = core.grant(2)
+    write_peer(granted, b"twice", page=0)
+    session = core.session()
+    ref = granted.refs[0]
+    reply = await gntdev.map_(session, gntdev_pb2.MapRequest(domids=[PEER], refs=[ref, granted.refs[1], ref]))
+    with closing(reply):
+        content = b"".join(read_span(reply, i, reply.message.spans[i].length) for i in range(len(reply.fds)))
+    assert content[0:5] == content[2 * PAGE_SIZE : 2 * PAGE_SIZE + 5] == b"twice"
+    table = core.hypervisor.grants.tables[PEER]
+    assert table.entries[ref].pins == 2 and table.entries[granted.refs[1]].pins == 1
+    # The granter ends its grants while they are mapped: deferred until the unmap,
+    # which frees each entry once (and its backing reference once).
+    core.peer_gntalloc.dealloc_gref(granted.allocation.index, 2)
+    assert ref in table.entries
+    await gntdev.unmap_grant_ref(session, gntdev_pb2.UnmapGrantRefRequest(index=reply.message.index, count=3))
+    assert ref not in table.entries and granted.refs[1] not in table.entries
+    assert usage(session) == {}
+
+
+async def test_a_refusal_amid_a_batch_names_that_ref_and_leaves_nothing_pinned(core: Core) -> None:
+    granted = core.grant(3)
+    session = core.session()
+    refs = [granted.refs[0], granted.refs[1], 3000, granted.refs[2]]
+    error = await refused(gntdev.map_(session, gntdev_pb2.MapRequest(domids=[PEER], refs=refs)), errno.EINVAL, "ref 3000 of domain 2")
+    assert error.gntst == GNTST_general_error
+    table = core.hypervisor.grants.tables[PEER]
+    assert [table.entries[ref].pins for ref in granted.refs] == [0, 0, 0]
+    assert usage(session) == {} and gntdev.gntdev_state(session).mappings == {}
+    # A read-only grant amid writable ones: refused for a writable map only.
+    read_only = core.grant(1, writable=False)
+    request = gntdev_pb2.MapRequest(domids=[PEER], refs=[granted.refs[0], read_only.refs[0]], writable=True)
+    await refused(gntdev.map_(session, request), errno.EINVAL, f"ref {read_only.refs[0]} of domain 2: a read-only grant")
+    assert table.entries[granted.refs[0]].pins == 0
+    request.writable = False
+    with closing(await gntdev.map_(session, request)):
+        pass
 
 
 async def test_unmap_of_an_unknown_index_is_enoent(core: Core) -> None:

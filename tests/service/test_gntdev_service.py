@@ -25,6 +25,7 @@ from grant_broker.core.policy import Limits
 from grant_broker.uapi.grant_table import GNTST_bad_domain, GNTST_general_error, GNTST_okay
 from grant_broker_client import BrokerClientError, Session
 from grant_broker_client.gntdev import (
+    GrantRef,
     UNMAP_NOTIFY_CLEAR_BYTE,
     UNMAP_NOTIFY_SEND_EVENT,
     CopySegment,
@@ -61,6 +62,25 @@ async def test_mapping_sees_the_sharers_writes_and_back(sharer: Session, mapper:
             assert (info.usage.mappings, info.usage.mapped_grants) == (1, 2)
         info = await mapper.describe()
         assert (info.usage.mappings, info.usage.mapped_grants) == (0, 0)
+
+
+async def test_map_takes_pairs_grant_refs_or_refs_of_one_domain(sharer: Session, mapper: Session) -> None:
+    async with await sharer.gntalloc.share(MAPPER, 3) as pages:
+        for page in range(3):
+            pages.view[page * PAGE_SIZE] = ord("a") + page
+        expected = tuple(GrantRef(SHARER, ref) for ref in pages.refs)
+        for refs, domid in (
+            ([(SHARER, ref) for ref in pages.refs], None),
+            (list(expected), None),
+            ([(SHARER, pages.refs[0]), *expected[1:]], None),
+            (list(pages.refs), SHARER),
+        ):
+            async with await mapper.gntdev.map(refs, writable=False, domid=domid) as mapping:
+                assert mapping.count == 3 and mapping.refs == expected
+                assert bytes(mapping.view[0 : 3 * PAGE_SIZE : PAGE_SIZE]) == b"abc"
+        with pytest.raises(TypeError):
+            await mapper.gntdev.map([(SHARER, pages.refs[0], 0)])
+        assert (await mapper.describe()).usage.mappings == 0
 
 
 async def test_read_only_mapping_gives_a_read_only_view(sharer: Session, mapper: Session) -> None:

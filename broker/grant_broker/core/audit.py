@@ -57,6 +57,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from grant_broker.backend.contract import GrantRefs
 from grant_broker_protocol.errors import BrokerError
 from grant_broker_protocol.fdchannel import PeerCredentials
 
@@ -175,6 +176,10 @@ def hello_refused(
 
 
 def _grants(grants: Sequence[GrantRef]) -> dict[str, object]:
+    if isinstance(grants, GrantRefs):
+        # Packed (the map path's): read from the arrays, no object per grant.
+        one = grants.domid
+        return {"remote_domain": one if one is not None or not grants else grants.domids.tolist(), "refs": grants.refs.tolist()}
     first = grants[0].domid if grants else None
     domains: object = first
     if any(grant.domid != first for grant in grants):

@@ -45,7 +45,9 @@ from grant_broker.backend.contract import (
     GntdevInstance,
     GrantCopySegment,
     GrantRef,
+    GrantRefs,
     MemorySpan,
+    packed_grants,
 )
 from grant_broker_protocol.errors import BrokerError
 from grant_broker_protocol.fds import OwnedFd
@@ -62,11 +64,12 @@ from .grants import (
     Backing,
     GrantEntry,
     GrantStatusError,
+    GrantSystem,
     access_mode,
     export_byte_locked,
     lock_export_byte,
     reopen_own_memfd,
-    spans_of,
+    spans_of_entries,
 )
 
 if TYPE_CHECKING:
@@ -90,7 +93,7 @@ class _Mapping:
     """``struct gntdev_grant_map``: a reserved range of the instance's mmap space."""
 
     index: int  # in pages
-    grants: tuple[GrantRef, ...]
+    grants: GrantRefs
     readonly: bool | None = None  # decided by the first map_memory (map->flags)
     pinned: list[GrantEntry] | None = None  # set once the grants are mapped
     notify_flags: int = 0
@@ -155,7 +158,7 @@ class EmulatedGntdev(LinkedInstance, GntdevInstance):
         operation = "gntdev map grant refs"
         with self._hv.lock:
             self._enter(operation)
-            grants = tuple(refs)
+            grants = packed_grants(refs, operation)  # each domid and ref a __u32, or EINVAL
             count = len(grants)
             if count == 0:
                 raise BrokerError(errno.EINVAL, operation, "no grant refs given")
@@ -163,9 +166,6 @@ class EmulatedGntdev(LinkedInstance, GntdevInstance):
                 raise BrokerError(
                     errno.EINVAL, operation, f"{count} grants exceed the limit of {self._max_grants} per mapping"
                 )
-            for grant in grants:
-                if not (0 <= grant.domid <= _U32 and 0 <= grant.ref <= _U32):
-                    raise BrokerError(errno.EINVAL, operation, f"ref {grant.ref} of domain {grant.domid} is out of range")
             if self._cumulative_limit is not None:
                 in_use = sum(m.count for m in self._maps)
                 if in_use + count > self._cumulative_limit:
@@ -219,29 +219,38 @@ class EmulatedGntdev(LinkedInstance, GntdevInstance):
         if flags & UNMAP_NOTIFY_SEND_EVENT:
             self._hv.send_event(self.domid, mapping.notify_port)
         self._hv.release_event_port(hold)  # evtchn_put
-        for entry in pinned or ():
-            entry.table.unpin(entry)  # GrantSystem.unpin
+        if pinned:
+            GrantSystem.unpin_all(pinned)
 
     def _pin_all(self, grants: Sequence[GrantRef], *, write: bool, operation: str) -> list[GrantEntry]:
         """Map each grant (the hypercall); all or nothing, EINVAL naming the first refusal."""
+        system, grantee = self._hv.grants, self.domid
+        packed = grants if isinstance(grants, GrantRefs) else None
+        if packed is not None and packed.domid is not None:
+            # The usual batch: one granting domain, its table looked up once
+            # and the refs pinned as one array (GrantTable.pin_refs).
+            try:
+                return system.table_of(packed.domid).pin_refs(packed.refs, grantee, write=write)
+            except GrantStatusError as refusal:
+                raise BrokerError(
+                    errno.EINVAL, operation, refusal.naming(packed.refs[refusal.position], packed.domid),
+                    gntst=refusal.status,
+                ) from None
         pinned: list[GrantEntry] = []
-        # GrantSystem.pin, inlined with the table of the previous grant kept:
-        # batches of thousands of refs are the case to be fast for, and they
-        # come from one granting domain.
-        system, grantee, table = self._hv.grants, self.domid, None
+        # GrantSystem.pin, inlined with the table of the previous grant kept.
+        table = None
+        pairs = packed.pairs() if packed is not None else ((grant.domid, grant.ref) for grant in grants)
+        domid = ref = 0
         try:
-            for grant in grants:
-                if table is None or table.domid != grant.domid:
-                    table = system.table_of(grant.domid)
-                entry = table.lookup(grant.ref, grantee, write=write)
+            for domid, ref in pairs:
+                if table is None or table.domid != domid:
+                    table = system.table_of(domid)
+                entry = table.lookup(ref, grantee, write=write)
                 entry.pins += 1
                 pinned.append(entry)
         except GrantStatusError as refusal:
-            for entry in pinned:
-                self._hv.grants.unpin(entry)
-            raise BrokerError(
-                errno.EINVAL, operation, refusal.naming(grant.ref, grant.domid), gntst=refusal.status
-            ) from None
+            GrantSystem.unpin_all(pinned)
+            raise BrokerError(errno.EINVAL, operation, refusal.naming(ref, domid), gntst=refusal.status) from None
         return pinned
 
     def map_memory(self, index: int, count: int, *, writable: bool) -> list[MemorySpan]:
@@ -264,7 +273,7 @@ class EmulatedGntdev(LinkedInstance, GntdevInstance):
             if mapping.pinned is None:
                 mapping.pinned = self._pin_all(mapping.grants, write=not mapping.readonly, operation=operation)
             try:
-                return spans_of([(e.backing, e.page) for e in mapping.pinned], writable=writable)
+                return spans_of_entries(mapping.pinned, writable=writable)
             except OSError as exc:
                 raise BrokerError.from_oserror(exc, operation) from exc
 

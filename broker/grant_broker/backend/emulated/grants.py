@@ -50,8 +50,10 @@ import fcntl
 import os
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
+from typing import cast
 
 from grant_broker.backend.contract import PAGE_SIZE, MemorySpan
 from grant_broker_protocol.errors import BrokerError
@@ -77,6 +79,7 @@ class GrantStatusError(Exception):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.position = 0  # of the refused ref in a batch (GrantTable.pin_refs)
 
     def naming(self, ref: int, domid: int) -> str:
         """The detail prefixed with the grant it is about."""
@@ -267,6 +270,22 @@ def access_mode(flags: int) -> int | None:
     return flags & os.O_ACCMODE
 
 
+def spans_of_entries(entries: Sequence[GrantEntry], *, writable: bool) -> list[MemorySpan]:
+    """Spans for the pages of *entries*, in order: :func:`spans_of`, with one
+    span at once when they are consecutive pages of one backing (a whole
+    allocation mapped in order: the usual batch)."""
+    if entries:
+        first = entries[0]
+        backing, page, count = first.backing, first.page, len(entries)
+        if (
+            entries[-1].page == page + count - 1
+            and list(map(_backing, entries)).count(backing) == count
+            and list(map(_page, entries)) == list(range(page, page + count))
+        ):
+            return [backing.span(page, count, writable=writable)]
+    return spans_of([(entry.backing, entry.page) for entry in entries], writable=writable)
+
+
 def spans_of(pages: list[tuple[Backing, int]], *, writable: bool) -> list[MemorySpan]:
     """Spans for *pages* (backing, page) in order; consecutive pages of one
     backing coalesce into one span."""
@@ -348,6 +367,11 @@ class GrantEntry:
         return self.page * PAGE_SIZE
 
 
+_backing = attrgetter("backing")
+_page = attrgetter("page")
+_ending = attrgetter("ending")
+
+
 class GrantTable:
     """The grant table of one domain."""
 
@@ -408,6 +432,35 @@ class GrantTable:
             if self.alive:
                 self._free.append(entry.ref)
         entry.backing.drop()
+
+    def pin_refs(self, refs: Sequence[int], grantee: int, *, write: bool) -> list[GrantEntry]:
+        """Map (pin) the entries of *refs* for *grantee*, all or nothing: :meth:`lookup`
+        and a pin for each ref (a ref given twice is pinned twice, as two maps of it are).
+
+        Raises:
+            GrantStatusError: a ref *grantee* may not map this way, with
+                :attr:`GrantStatusError.position` its index in *refs* (the
+                first such); nothing is pinned.
+        """
+        # One look-up of the table for all, and the checks of lookup() inline:
+        # batches of thousands of refs are the case to be fast for.
+        entries = list(map(self.entries.get, refs))
+        for entry in entries:
+            if entry is None or entry.grantee != grantee or (write and entry.readonly):
+                break
+            entry.pins += 1
+        else:
+            return cast("list[GrantEntry]", entries)  # no None: checked in the loop
+        # The first refusal: the entries before it were pinned, and are unpinned.
+        position = entries.index(entry)
+        for pinned in cast("list[GrantEntry]", entries[:position]):
+            pinned.pins -= 1
+        try:
+            self.lookup(refs[position], grantee, write=write)
+        except GrantStatusError as refusal:
+            refusal.position = position
+            raise
+        raise AssertionError("a refused grant passed lookup")  # pragma: no cover
 
     def lookup(self, ref: int, grantee: int, *, write: bool) -> GrantEntry:
         """The entry *grantee* may access as *ref*, or Xen's refusal status.
@@ -482,6 +535,17 @@ class GrantSystem:
     def unpin(entry: GrantEntry) -> None:
         entry.table.unpin(entry)
 
+    @staticmethod
+    def unpin_all(entries: Sequence[GrantEntry]) -> None:
+        """:meth:`unpin` each of *entries* (an entry listed twice was pinned twice)."""
+        for entry in entries:
+            entry.pins -= 1
+        # A grant ended while mapped is freed by its last unpin; rarely any.
+        if any(map(_ending, entries)):
+            for entry in dict.fromkeys(entries):  # each once
+                if entry.ending and entry.pins <= 0:
+                    entry.table._free_entry(entry)
+
     def close(self) -> None:
         for table in self.tables.values():
             table.force_close()
@@ -504,4 +568,5 @@ __all__ = [
     "new_memfd",
     "reopen_own_memfd",
     "spans_of",
+    "spans_of_entries",
 ]

@@ -69,6 +69,7 @@ import itertools
 import mmap
 import os
 import threading
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -79,7 +80,10 @@ from grant_broker.backend.contract import (
     GntdevInstance,
     GrantCopySegment,
     GrantRef,
+    GrantRefs,
     MemorySpan,
+    U32_TYPECODE,
+    packed_grants,
 )
 from grant_broker_protocol.errors import BrokerError
 from grant_broker_protocol.fds import OwnedFd
@@ -107,12 +111,26 @@ def _refs_text(refs: Sequence[GrantRef]) -> str:
     return shown + (f" and {len(refs) - 4} more" if len(refs) > 4 else "")
 
 
+def _map_argument(grants: GrantRefs) -> ctypes.Structure:
+    """The ``IOCTL_GNTDEV_MAP_GRANT_REF`` argument for *grants*: the refs
+    array (``struct ioctl_gntdev_grant_ref { __u32 domid; __u32 ref; }``)
+    filled at once from the packed arrays, not field by field."""
+    count = len(grants)
+    arg = uapi.map_grant_ref_for(count)
+    if count:
+        pairs = array(U32_TYPECODE, bytes(8 * count))
+        pairs[0::2] = grants.domids
+        pairs[1::2] = grants.refs
+        ctypes.memmove(ctypes.addressof(arg.refs), pairs.buffer_info()[0], 8 * count)
+    return arg
+
+
 @dataclass(eq=False)
 class _Mapping:
     """A mapping of this instance (``struct gntdev_grant_map``), as the broker sees it."""
 
     index: int  # bytes
-    refs: tuple[GrantRef, ...]
+    refs: GrantRefs
     readonly: bool | None = None  # decided by the first map_memory
     spans: list[OwnedFd] = field(default_factory=list)  # the broker's copies of the fresh instances
     notify: tuple[int, int, int] | None = None  # (action, offset in the mapping, port)
@@ -173,14 +191,9 @@ class XenGntdev(GntdevInstance):
         operation = "gntdev map grant refs"
         with self._lock:
             fd = self._live(operation)
-            grants = tuple(refs)
+            grants = packed_grants(refs, operation)  # each domid and ref a __u32, or EINVAL
             check(bool(grants), errno.EINVAL, operation, "no grant refs given")
-            for grant in grants:
-                check(
-                    fits(grant.domid, U32_MAX) and fits(grant.ref, U32_MAX),
-                    errno.EINVAL, operation, f"ref {grant.ref} of domain {grant.domid} is out of range",
-                )
-            arg = uapi.map_grant_ref_for(len(grants), [(g.domid, g.ref) for g in grants])
+            arg = _map_argument(grants)
             ioctl(fd, uapi.IOCTL_GNTDEV_MAP_GRANT_REF, arg, operation, f"{len(grants)} grants: {_refs_text(grants)}")
             mapping = _Mapping(arg.index, grants)
             self._maps.append(mapping)
@@ -250,7 +263,7 @@ class XenGntdev(GntdevInstance):
         flags = os.O_RDWR if writable else os.O_RDONLY
         fresh = open_device(self.path, flags, operation)
         try:
-            arg = uapi.map_grant_ref_for(mapping.count, [(g.domid, g.ref) for g in mapping.refs])
+            arg = _map_argument(mapping.refs)
             ioctl(fresh.fileno(), uapi.IOCTL_GNTDEV_MAP_GRANT_REF, arg, operation, _refs_text(mapping.refs))
             check(arg.index == 0, errno.EIO, operation, f"a fresh gntdev instance answered index {arg.index:#x}, not 0")
             if mapping.notify is not None:
@@ -266,11 +279,11 @@ class XenGntdev(GntdevInstance):
             mapping.notify_on_reservation = False
         return fresh
 
-    def _probe(self, refs: Sequence[GrantRef], *, writable: bool, operation: str) -> BrokerError | None:
+    def _probe(self, refs: GrantRefs, *, writable: bool, operation: str) -> BrokerError | None:
         """Map *refs* once on a throw-away instance (the hypercall); the error, if refused."""
         probe = open_device(self.path, os.O_RDWR, operation)
         try:
-            arg = uapi.map_grant_ref_for(len(refs), [(g.domid, g.ref) for g in refs])
+            arg = _map_argument(refs)
             ioctl(probe.fileno(), uapi.IOCTL_GNTDEV_MAP_GRANT_REF, arg, operation, _refs_text(refs))
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             try:
@@ -281,18 +294,19 @@ class XenGntdev(GntdevInstance):
         finally:
             probe.close()
 
-    def _check_grants(self, refs: Sequence[GrantRef], *, writable: bool, operation: str) -> None:
+    def _check_grants(self, refs: GrantRefs, *, writable: bool, operation: str) -> None:
         """Raise, naming the culprit, unless the hypervisor maps *refs* as asked."""
-        for grant in refs:
-            if grant.domid >= DOMID_FIRST_RESERVED:
-                # Xen's map_grant_ref looks the granter up with rcu_lock_domain_by_id:
-                # DOMID_SELF and the other reserved ids are no domain to it
-                # (a grant copy accepts DOMID_SELF), and beyond 0xFFFF the id
-                # would not even fit domid_t.
-                raise BrokerError(
-                    errno.EINVAL, operation, f"ref {grant.ref} of domain {grant.domid}: not a domain a grant can be mapped from",
-                    gntst=GNTST_bad_domain,
-                )
+        if max(refs.domains) >= DOMID_FIRST_RESERVED:
+            for grant in refs:
+                if grant.domid >= DOMID_FIRST_RESERVED:
+                    # Xen's map_grant_ref looks the granter up with rcu_lock_domain_by_id:
+                    # DOMID_SELF and the other reserved ids are no domain to it
+                    # (a grant copy accepts DOMID_SELF), and beyond 0xFFFF the id
+                    # would not even fit domid_t.
+                    raise BrokerError(
+                        errno.EINVAL, operation, f"ref {grant.ref} of domain {grant.domid}: not a domain a grant can be mapped from",
+                        gntst=GNTST_bad_domain,
+                    )
         refused = self._probe(refs, writable=writable, operation=operation)
         if refused is None:
             return
@@ -310,10 +324,11 @@ class XenGntdev(GntdevInstance):
                     gntst=status,
                 )
         if len(refs) <= _DIAGNOSE_ONE_BY_ONE:
-            for grant in refs:
-                if self._probe([grant], writable=writable, operation=operation) is None:
+            for i, grant in enumerate(refs):
+                one = refs[i : i + 1]
+                if self._probe(one, writable=writable, operation=operation) is None:
                     continue
-                if writable and self._probe([grant], writable=False, operation=operation) is None:
+                if writable and self._probe(one, writable=False, operation=operation) is None:
                     why = "it is granted read-only"
                 else:
                     why = "the hypervisor refused it"

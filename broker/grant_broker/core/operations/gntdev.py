@@ -56,6 +56,7 @@ from grant_broker.backend.contract import (
     GntdevInstance,
     GrantCopySegment,
     GrantRef,
+    GrantRefs,
     MemorySpan,
 )
 from grant_broker.core import audit
@@ -106,7 +107,7 @@ DMABUF_POLL_MAX_SECONDS = 0.1
 
 @dataclass(eq=False)
 class _Mapping:
-    refs: tuple[GrantRef, ...]
+    refs: GrantRefs  # packed (a Sequence[GrantRef] all the same)
     # The dedicated instance of MapMemory(fresh_instance): closed with the mapping.
     fresh: GntdevInstance | None = None
     # Memory hand-outs so far: a backend may keep a descriptor per hand-out
@@ -237,7 +238,7 @@ def map_grants(
     session: Session,
     operation: str,
     count: int,
-    refs: Callable[[], tuple[GrantRef, ...]],
+    refs: Callable[[], GrantRefs],
     *,
     memory: bool,
     writable: bool = False,
@@ -256,7 +257,8 @@ def map_grants(
     state = gntdev_state(session)
     _check_max_grants(operation, state, count)
     grants = refs()
-    check_peers(session, operation, "map grants of", domains=(grant.domid for grant in grants))
+    # The policy is asked once per distinct domain, not once per grant.
+    check_peers(session, operation, "map grants of", domains=grants.domains)
     index, spans = _map_in(session.gntdev, grants, memory=memory, writable=writable)
     state.mappings[index] = _Mapping(grants, handouts=1 if memory else 0)
     session.usage.mappings += 1
@@ -266,7 +268,7 @@ def map_grants(
 
 
 def _map_in(
-    instance: GntdevInstance, refs: tuple[GrantRef, ...], *, memory: bool, writable: bool
+    instance: GntdevInstance, refs: GrantRefs, *, memory: bool, writable: bool
 ) -> tuple[int, list[MemorySpan]]:
     index = instance.map_grant_refs(refs)
     if not memory:
@@ -625,24 +627,29 @@ def _export_grants(export: _Export) -> tuple[GrantRef, ...]:
 # --------------------------------------------------------------------------- request checks
 
 
-def _grant_refs(op: str, refs: Sequence[common_pb2.GrantRef]) -> tuple[GrantRef, ...]:
-    for i, ref in enumerate(refs):
-        check_domid(op, ref.domid, f"refs[{i}].domid")
-    return tuple([GrantRef(ref.domid, ref.ref) for ref in refs])
+def _grant_refs(op: str, refs: Sequence[common_pb2.GrantRef]) -> GrantRefs:
+    """The grants of a MapGrantRefRequest (a message per grant), packed."""
+    domids = [ref.domid for ref in refs]
+    if domids and max(domids) > DOMID_MAX:
+        i = next(i for i, domid in enumerate(domids) if domid > DOMID_MAX)
+        check_domid(op, domids[i], f"refs[{i}].domid")
+    return GrantRefs(domids, [ref.ref for ref in refs])
 
 
-def _packed_grant_refs(op: str, domids: Sequence[int], refs: Sequence[int]) -> tuple[GrantRef, ...]:
-    """The grants of a MapRequest: refs[i] of domids[i], or of domids[0] for all."""
+def _packed_grant_refs(op: str, domids: Sequence[int], refs: Sequence[int]) -> GrantRefs:
+    """The grants of a MapRequest: refs[i] of domids[i], or of domids[0] for
+    all — kept packed (its fields are uint32: every value fits the arrays)."""
     if len(domids) == 1:
         (domid,) = domids
         check_domid(op, domid)
-        return tuple([GrantRef(domid, ref) for ref in refs])
+        return GrantRefs(domid, refs[:])  # [:]: a list at once (iterating the message's field costs more)
     if len(domids) != len(refs):
         raise invalid(op, f"{len(domids)} domids for {len(refs)} refs: give one per ref, or one for all of them")
+    domids = domids[:]
     if max(domids) > DOMID_MAX:
         i = next(i for i, domid in enumerate(domids) if domid > DOMID_MAX)
         check_domid(op, domids[i], f"domids[{i}]")
-    return tuple(map(GrantRef, domids, refs))
+    return GrantRefs(domids, refs[:])
 
 
 def _check_max_grants(op: str, state: GntdevState, adding: int) -> None:
