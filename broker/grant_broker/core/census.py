@@ -38,12 +38,10 @@ def grants(sessions: Iterable[Session]) -> Grants:
         if isinstance(gntdev, GntdevState):
             for mapping in gntdev.mappings.values():
                 refs = mapping.refs
-                first = refs[0].domid if refs else 0
-                if all(ref.domid == first for ref in refs):  # the usual case: one granting domain
-                    mapped[uid, first] += len(refs)
+                if refs.domid is not None:  # the usual case: one granting domain
+                    mapped[uid, refs.domid] += len(refs)
                 else:
-                    for ref in refs:
-                        mapped[uid, ref.domid] += 1
+                    mapped.update((uid, domid) for domid in refs.domids)
             for export in gntdev.exports.values():
                 if export.domid is not None:
                     mapped[uid, export.domid] += export.count
