@@ -241,6 +241,33 @@ def test_grant_copy_builds_the_segment_array(kernel: FakeKernel, gntdev: XenGntd
     assert source_address != 0
 
 
+def test_grant_copy_of_a_batch_sends_what_its_segments_send(kernel: FakeKernel, gntdev: XenGntdev) -> None:
+    # A copy ring's doorbell reaches the backend as a GrantCopyBatch (columns,
+    # one local buffer): the Xen backend copies it as the list of its segments.
+    from grant_broker.backend.contract import GrantCopyBatch
+
+    buffer = bytearray(3 * 4096)
+    seen: list[list[tuple[bytes, bytes, int, int, int]]] = []
+
+    def answer(arg: object) -> None:
+        seen.append(_segments_seen(kernel.calls[-1]))
+        array = ctypes.cast(arg.segments, ctypes.POINTER(G.gntdev_grant_copy_segment))  # type: ignore[attr-defined]
+        array[1].status = GNTST_bad_gntref
+
+    kernel.answers[G.IOCTL_GNTDEV_GRANT_COPY] = answer
+    view = memoryview(buffer)
+    batch = GrantCopyBatch(view, [GNTCOPY_source_gref, GNTCOPY_source_gref, GNTCOPY_dest_gref], [8, 9, 4096], [0, 4096, 10],
+                           [2, 2, 0], [0, 0, 3], [0, 100, 0], [0, 0, 7], [4096, 50, 5])
+    assert gntdev.grant_copy(batch) == [GNTST_okay, GNTST_bad_gntref, GNTST_okay]
+    assert gntdev.grant_copy(list(batch)) == [GNTST_okay, GNTST_bad_gntref, GNTST_okay]
+    from_batch, from_list = seen
+    assert from_batch == from_list
+    assert from_batch[0][0] == FOREIGN.pack(8, 0, 2) and from_batch[1][0] == FOREIGN.pack(9, 100, 2)
+    assert from_batch[2][1] == FOREIGN.pack(10, 7, 3) and (from_batch[2][2], from_batch[2][3]) == (5, GNTCOPY_dest_gref)
+    base = ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
+    assert struct.unpack("=Q", from_batch[0][1]) == (base,) and struct.unpack("=Q", from_batch[2][0]) == (base + 4096,)
+
+
 def test_grant_copy_source_address_points_at_the_bytes(kernel: FakeKernel, gntdev: XenGntdev) -> None:
     read: list[bytes] = []
 

@@ -57,6 +57,7 @@ import errno
 import fcntl
 import itertools
 import mmap
+import operator
 import os
 import struct
 from collections.abc import Sequence
@@ -79,7 +80,15 @@ from grant_broker_protocol.abi import (
     gntst_message,
     gntst_name,
 )
-from grant_broker_protocol.copyring import MAX_RING_ENTRIES, RECORD, RECORD_SIZE, STATUS_PENDING, read_statuses, ring_bytes
+from grant_broker_protocol.copyring import (
+    MAX_RING_ENTRIES,
+    RECORD,
+    RECORD_SIZE,
+    STATUS_PENDING,
+    encode_records,
+    read_statuses,
+    ring_bytes,
+)
 from grant_broker_protocol.v1 import common_pb2, gntdev_pb2, gntdev_pb2_grpc
 from grant_broker_client.errors import BrokerClientError
 from grant_broker_client.memory import MappedPages, ReceivedSpan, close_spans, map_received, receive_spans
@@ -356,6 +365,15 @@ class CopySegment:
     length: int | None = None
 
 
+_source = operator.attrgetter("source")
+_dest = operator.attrgetter("dest")
+_length = operator.attrgetter("length")
+_buffer = operator.attrgetter("buffer")
+_ref = operator.attrgetter("ref")
+_domid = operator.attrgetter("domid")
+_offset = operator.attrgetter("offset")
+
+
 @dataclass(frozen=True, slots=True)
 class CopyResult:
     """A segment's outcome: its ``GNTST_*`` status, and the bytes of an inline dest."""
@@ -429,6 +447,8 @@ class CopyRing:
         self._waiters: list[asyncio.Future[None]] = []
         self._calls: set[asyncio.Future[object]] = set()  # doorbells the broker has not answered yet
         self._closed = False
+        # The last batch encoded: its segments (frozen objects) and their records.
+        self._encoded: tuple[tuple[CopySegment, ...], bytes] | None = None
 
     @property
     def closed(self) -> bool:
@@ -492,6 +512,47 @@ class CopyRing:
                 self._give(first, count)
 
     def _encode(self, segments: Sequence[CopySegment]) -> bytes:
+        """The records of *segments*.  The same segments submitted again (the
+        very same objects, which are frozen) reuse the records encoded last."""
+        cached = self._encoded
+        if cached is not None and len(cached[0]) == len(segments) and all(map(operator.is_, cached[0], segments)):
+            return cached[1]
+        records = self._encode_columns(segments)
+        if records is None:
+            records = self._encode_one_by_one(segments)
+        self._encoded = (tuple(segments), records)
+        return records
+
+    def _encode_columns(self, segments: Sequence[CopySegment]) -> bytes | None:
+        """The records of a batch all granted pages into the ring's buffer, or
+        all the other way, encoded column by column in one pack; None for any
+        other batch, or one with a field that does not fit (then
+        :meth:`_encode_one_by_one` encodes it, or names the segment)."""
+        count = len(segments)
+        sources = list(map(_source, segments))
+        dests = list(map(_dest, segments))
+        lengths = list(map(_length, segments))
+        if None in lengths:
+            return None
+        source_types, dest_types = set(map(type, sources)), set(map(type, dests))
+        if source_types == {Foreign} and dest_types == {Local}:
+            foreign, local, flags = sources, dests, GNTCOPY_source_gref
+        elif source_types == {Local} and dest_types == {Foreign}:
+            foreign, local, flags = dests, sources, GNTCOPY_dest_gref
+        else:
+            return None
+        if not all(map(operator.is_, map(_buffer, local), itertools.repeat(self.buffer))):
+            return None
+        refs, domids, page_offsets = list(map(_ref, foreign)), list(map(_domid, foreign)), list(map(_offset, foreign))
+        local_offsets, zeros = list(map(_offset, local)), [0] * count
+        try:
+            if flags == GNTCOPY_source_gref:
+                return encode_records(refs, local_offsets, domids, zeros, page_offsets, zeros, lengths, [flags] * count)
+            return encode_records(local_offsets, refs, zeros, domids, zeros, page_offsets, lengths, [flags] * count)
+        except struct.error:
+            return None
+
+    def _encode_one_by_one(self, segments: Sequence[CopySegment]) -> bytes:
         buffer, pack = self.buffer, RECORD.pack
         records = []
         for i, segment in enumerate(segments):

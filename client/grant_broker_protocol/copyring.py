@@ -24,10 +24,12 @@ ring is written by the broker, and ``status`` is never read by it.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import sys
 from array import array
 from collections.abc import Sequence
+from typing import NamedTuple
 
 MAX_RING_ENTRIES = 4096
 """Records in one ring at most (and so in one doorbell): a doorbell's work is
@@ -73,6 +75,74 @@ def write_statuses(words: memoryview, first: int, statuses: Sequence[int]) -> No
     words[start : start + len(values) * _WORDS : _WORDS] = values
 
 
+class RecordColumns(NamedTuple):
+    """Records as columns: each field of every record, in record order (lists of ints)."""
+
+    source: list[int]
+    dest: list[int]
+    source_domid: list[int]
+    dest_domid: list[int]
+    source_offset: list[int]
+    dest_offset: list[int]
+    length: list[int]
+    flags: list[int]
+    reserved_low: list[int]  # the two 32-bit halves of ``reserved``: 0 both, in a well-formed record
+    reserved_high: list[int]
+
+
+def decode_records(records: bytes) -> RecordColumns:
+    """The request fields of *records* (whole records, ``status`` skipped) as
+    columns: two array conversions and strided slices, no Python per record."""
+    words = array("I")
+    halves = array("H")
+    words.frombytes(records)
+    halves.frombytes(records)
+    if _SWAP:
+        words.byteswap()
+        halves.byteswap()
+    h = _WORDS * 2  # a record in 16-bit halves
+    return RecordColumns(
+        words[0::_WORDS].tolist(),
+        words[1::_WORDS].tolist(),
+        halves[4::h].tolist(),
+        halves[5::h].tolist(),
+        halves[6::h].tolist(),
+        halves[7::h].tolist(),
+        halves[8::h].tolist(),
+        halves[9::h].tolist(),
+        words[5::_WORDS].tolist(),
+        words[6::_WORDS].tolist(),
+    )
+
+
+_BATCH_FORMATS: dict[int, struct.Struct] = {}
+
+
+def encode_records(
+    source: Sequence[int],
+    dest: Sequence[int],
+    source_domid: Sequence[int],
+    dest_domid: Sequence[int],
+    source_offset: Sequence[int],
+    dest_offset: Sequence[int],
+    length: Sequence[int],
+    flags: Sequence[int],
+) -> bytes:
+    """Records from columns (``reserved`` 0, ``status`` :data:`STATUS_PENDING`):
+    one ``struct.pack`` for all of them.  Raises ``struct.error`` when a value
+    does not fit its field (the caller finds which with :data:`RECORD`)."""
+    count = len(source)
+    batch = _BATCH_FORMATS.get(count)
+    if batch is None:
+        if len(_BATCH_FORMATS) >= 64:
+            _BATCH_FORMATS.clear()
+        batch = _BATCH_FORMATS[count] = struct.Struct("<" + ("IIHHHHHH8xi" * count))
+    fields = zip(
+        source, dest, source_domid, dest_domid, source_offset, dest_offset, length, flags, itertools.repeat(STATUS_PENDING)
+    )
+    return batch.pack(*itertools.chain.from_iterable(fields))
+
+
 def read_statuses(words: memoryview, first: int, count: int) -> list[int]:
     """The statuses of records [*first*, *first* + *count*) of a ring (*words* as for :func:`write_statuses`)."""
     start = first * _WORDS + _STATUS_WORD
@@ -91,6 +161,9 @@ __all__ = [
     "REQUEST",
     "STATUS_OFFSET",
     "STATUS_PENDING",
+    "RecordColumns",
+    "decode_records",
+    "encode_records",
     "read_statuses",
     "ring_bytes",
     "write_statuses",

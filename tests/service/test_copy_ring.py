@@ -230,6 +230,52 @@ async def test_the_sdk_refuses_segments_a_ring_cannot_carry(mapper: Session) -> 
         await mapper.gntdev.copy_ring(buffer, entries=MAX_RING_ENTRIES + 1)
 
 
+async def test_the_sdk_names_the_segment_a_ring_cannot_carry_in_a_long_batch(mapper: Session) -> None:
+    # The SDK encodes a uniform batch column by column; a segment that does
+    # not fit is still named, whichever way the batch was encoded.
+    async with await mapper.gntdev.copy_buffer(16 * PAGE_SIZE) as buffer, await mapper.gntdev.copy_buffer(
+        PAGE_SIZE
+    ) as other, await mapper.gntdev.copy_ring(buffer, entries=16) as ring:
+        good = [CopySegment(Foreign(SHARER, 8 + i), Local(buffer, i * PAGE_SIZE), PAGE_SIZE) for i in range(16)]
+        for bad, message in (
+            (CopySegment(Foreign(SHARER, 8, offset=70000), Local(buffer), 4), "segment 11: a field does not fit"),
+            (CopySegment(Foreign(SHARER, -1), Local(buffer), 4), "segment 11: a field does not fit"),
+            (CopySegment(Foreign(SHARER, 8), Local(other), 4), "segment 11: a ring's dest is Foreign or Local"),
+            (CopySegment(Foreign(SHARER, 8), Local(buffer)), "segment 11: a ring segment needs a length"),
+        ):
+            with pytest.raises(ValueError, match=message):
+                await ring.submit(good[:11] + [bad] + good[12:])
+
+
+async def test_a_batch_submitted_again_is_copied_again_and_a_changed_one_anew(sharer: Session, mapper: Session) -> None:
+    # The SDK reuses the records of the batch it encoded last when the very
+    # same segments come again; any other segment is encoded anew.
+    async with await sharer.gntalloc.share(MAPPER, PAGES) as pages, await mapper.gntdev.copy_buffer(
+        PAGES * PAGE_SIZE
+    ) as buffer, await mapper.gntdev.copy_ring(buffer, entries=PAGES) as ring:
+        for page in range(PAGES):
+            pages.view[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] = pattern(page)
+        segments = [CopySegment(Foreign(SHARER, ref), Local(buffer, i * PAGE_SIZE), PAGE_SIZE) for i, ref in enumerate(pages.refs)]
+        assert await ring.submit(segments) == [GNTST_okay] * PAGES
+        assert bytes(buffer.view) == bytes(pages.view)
+        buffer.view[:] = bytes(PAGES * PAGE_SIZE)
+        assert await ring.submit(list(segments)) == [GNTST_okay] * PAGES  # the same segments, another list
+        assert bytes(buffer.view) == bytes(pages.view)
+        changed = list(segments)
+        changed[3] = CopySegment(Foreign(SHARER, pages.refs[0]), Local(buffer, 3 * PAGE_SIZE), PAGE_SIZE)
+        assert await ring.submit(changed) == [GNTST_okay] * PAGES
+        assert bytes(buffer.view[3 * PAGE_SIZE : 4 * PAGE_SIZE]) == pattern(0)
+        # Both directions in one batch (encoded segment by segment).
+        buffer.view[0:4] = b"back"
+        mixed = [
+            CopySegment(Local(buffer, 0), Foreign(SHARER, pages.refs[7], 8), 4),
+            CopySegment(Foreign(SHARER, pages.refs[1]), Local(buffer, 2 * PAGE_SIZE), PAGE_SIZE),
+        ]
+        assert await ring.submit(mixed) == [GNTST_okay] * 2
+        assert bytes(pages.view[7 * PAGE_SIZE + 8 : 7 * PAGE_SIZE + 12]) == b"back"
+        assert bytes(buffer.view[2 * PAGE_SIZE : 3 * PAGE_SIZE]) == pattern(1)
+
+
 # --------------------------------------------------------------------------- checks
 
 

@@ -262,6 +262,117 @@ class GrantCopySegment:
     length: int
 
 
+_SOURCE_GREF = 1  # GNTCOPY_source_gref
+_DEST_GREF = 2  # GNTCOPY_dest_gref
+
+
+class GrantCopyBatch(Sequence[GrantCopySegment]):
+    """Grant-copy segments as columns, every local side in one *buffer*: a
+    copy ring's doorbell, from the broker's checks to the backend.
+
+    Row ``i`` is the segment ``flags[i]`` (``GNTCOPY_source_gref`` |
+    ``GNTCOPY_dest_gref``) says: a side whose bit is set is
+    ``CopyForeign(ref=source[i], offset=source_offset[i], domid=source_domid[i])``
+    (likewise ``dest``), a side whose bit is clear is
+    ``CopyLocal(buffer, offset=source[i])`` (its domid and page offset are
+    unused).  It is a sequence of :class:`GrantCopySegment` (made on access),
+    so a backend that knows nothing of it copies it as it copies a list; one
+    that does may work over the columns, per run of segments, instead of
+    per segment object — checking every segment all the same.
+
+    Like the other grant-copy types it is a value: nobody changes the
+    columns once it is made.
+    """
+
+    __slots__ = (
+        "buffer", "flags", "source", "dest", "source_domid", "dest_domid", "source_offset", "dest_offset", "length"
+    )
+
+    def __init__(
+        self,
+        buffer: memoryview,
+        flags: Sequence[int],
+        source: Sequence[int],
+        dest: Sequence[int],
+        source_domid: Sequence[int],
+        dest_domid: Sequence[int],
+        source_offset: Sequence[int],
+        dest_offset: Sequence[int],
+        length: Sequence[int],
+    ) -> None:
+        count = len(flags)
+        columns = (source, dest, source_domid, dest_domid, source_offset, dest_offset, length)
+        if any(len(column) != count for column in columns):
+            raise ValueError("the columns of a grant-copy batch differ in length")
+        self.buffer = buffer
+        self.flags = flags
+        self.source = source
+        self.dest = dest
+        self.source_domid = source_domid
+        self.dest_domid = dest_domid
+        self.source_offset = source_offset
+        self.dest_offset = dest_offset
+        self.length = length
+
+    def __len__(self) -> int:
+        return len(self.flags)
+
+    @overload
+    def __getitem__(self, i: int) -> GrantCopySegment: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> GrantCopyBatch: ...
+
+    def __getitem__(self, i: int | slice) -> GrantCopySegment | GrantCopyBatch:
+        if isinstance(i, slice):
+            return GrantCopyBatch(
+                self.buffer, self.flags[i], self.source[i], self.dest[i], self.source_domid[i], self.dest_domid[i],
+                self.source_offset[i], self.dest_offset[i], self.length[i],
+            )
+        flags = self.flags[i]  # IndexError first
+        source: CopyLocal | CopyForeign
+        dest: CopyLocal | CopyForeign
+        if flags & _SOURCE_GREF:
+            source = CopyForeign(self.source[i], self.source_offset[i], self.source_domid[i])
+        else:
+            source = CopyLocal(self.buffer, self.source[i])
+        if flags & _DEST_GREF:
+            dest = CopyForeign(self.dest[i], self.dest_offset[i], self.dest_domid[i])
+        else:
+            dest = CopyLocal(self.buffer, self.dest[i])
+        return GrantCopySegment(source, dest, self.length[i])
+
+    def __iter__(self) -> Iterator[GrantCopySegment]:
+        return map(self.__getitem__, range(len(self.flags)))
+
+    def uniform_flags(self) -> int | None:
+        """The flags every segment has, or None (none, or not all alike)."""
+        flags = self.flags
+        if not flags:
+            return None
+        first = flags[0]
+        return first if flags.count(first) == len(flags) else None
+
+    def foreign_domains(self) -> Iterable[int]:
+        """The domains of the foreign sides, each once, in the order they first
+        appear (a segment's source before its dest)."""
+        uniform = self.uniform_flags()
+        if uniform == _SOURCE_GREF:
+            return dict.fromkeys(self.source_domid)
+        if uniform == _DEST_GREF:
+            return dict.fromkeys(self.dest_domid)
+        if uniform == _SOURCE_GREF | _DEST_GREF:
+            return dict.fromkeys(itertools.chain.from_iterable(zip(self.source_domid, self.dest_domid)))
+        return dict.fromkeys(
+            domid
+            for flags, source_domid, dest_domid in zip(self.flags, self.source_domid, self.dest_domid)
+            for domid in ((source_domid,) if flags & _SOURCE_GREF else ()) + ((dest_domid,) if flags & _DEST_GREF else ())
+        )
+
+    def __repr__(self) -> str:
+        return f"<GrantCopyBatch of {len(self)} segments, flags {sorted(set(self.flags))}>"
+
+
 @dataclass(frozen=True, slots=True)
 class MemparcelExport:
     """The result of a mem-buf export: keep ``export_fd`` open or the memory is revoked."""
@@ -419,6 +530,10 @@ class GntdevInstance(_Closeable):
     @abc.abstractmethod
     def grant_copy(self, segments: Sequence[GrantCopySegment]) -> list[int]:
         """Copy between local buffers and granted pages; one ``GNTST_*`` per segment.
+
+        *segments* may be a :class:`GrantCopyBatch` (a copy ring's doorbell):
+        a sequence of segments like any other, which a backend may also read
+        by its columns.
 
         The call succeeds when individual segments fail: each failure is that
         segment's status (``GNTST_bad_gntref``, ``GNTST_bad_domain``,

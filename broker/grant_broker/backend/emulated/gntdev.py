@@ -32,17 +32,20 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import operator
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from itertools import repeat
+from typing import TYPE_CHECKING, cast
 
 from grant_broker.backend.contract import (
     PAGE_SIZE,
     CopyForeign,
     CopyLocal,
     GntdevInstance,
+    GrantCopyBatch,
     GrantCopySegment,
     GrantRef,
     GrantRefs,
@@ -57,7 +60,7 @@ from grant_broker.uapi.gntdev import (
     UNMAP_NOTIFY_CLEAR_BYTE,
     UNMAP_NOTIFY_SEND_EVENT,
 )
-from grant_broker.uapi.grant_table import GNTST_okay
+from grant_broker.uapi.grant_table import GNTST_bad_domain, GNTST_okay
 
 from .instance import LinkedInstance
 from .grants import (
@@ -339,6 +342,10 @@ class EmulatedGntdev(LinkedInstance, GntdevInstance):
         operation = "gntdev grant copy"
         with self._hv.lock:
             self._enter(operation)
+            if isinstance(segments, GrantCopyBatch):
+                done = self._copy_batch(segments)
+                if done is not None:
+                    return done
             # Linux checks a segment as it reaches it, and may already have
             # copied earlier ones; the contract promises EINVAL before
             # anything is copied, so every segment is checked first.
@@ -379,6 +386,84 @@ class EmulatedGntdev(LinkedInstance, GntdevInstance):
             if run is not None:
                 run.copy()
             return statuses
+
+    def _copy_batch(self, batch: GrantCopyBatch) -> list[int] | None:
+        """:meth:`grant_copy` of a batch over its columns, per run of segments
+        with one foreign side of one domain: one look-up of that domain's
+        table and of the run's entries at once, every entry checked as
+        :meth:`_claim` checks it, one ``preadv``/``pwrite`` per contiguous
+        stretch.  None, having done nothing, when the batch is not one of
+        those (mixed flags, foreign on both sides) or a segment fails
+        :meth:`_check_segment`'s rules: then segment by segment."""
+        count = len(batch)
+        flags = batch.uniform_flags()
+        if flags == _SOURCE_GREF:
+            reading = True
+            refs, offsets, domids, local = batch.source, batch.source_offset, batch.source_domid, batch.dest
+        elif flags == _DEST_GREF:
+            reading = False
+            refs, offsets, domids, local = batch.dest, batch.dest_offset, batch.dest_domid, batch.source
+        else:
+            return None
+        # _check_segment's rules, over the columns.
+        length = batch.length
+        buffer = batch.buffer
+        try:
+            view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+        except TypeError:
+            return None
+        longest = max(length)
+        if (
+            min(length) < 0
+            or longest > _U16
+            or min(offsets) < 0
+            or min(local) < 0
+            or (reading and view.readonly)
+            # The bounds: at once when the largest offset and the longest
+            # length fit together, else segment by segment.
+            or (max(offsets) + longest > PAGE_SIZE and max(map(operator.add, offsets, length)) > PAGE_SIZE)
+            or (max(local) + longest > view.nbytes and max(map(operator.add, local, length)) > view.nbytes)
+        ):
+            return None
+        statuses: list[int] = []
+        tables = self._hv.grants.tables
+        me = self.domid
+        start = 0
+        for end in _runs(domids):
+            domid = domids[start]
+            table = tables.get(me if domid == DOMID_SELF else domid)
+            if table is None:  # table_of's refusal, for each segment of the run
+                statuses += repeat(GNTST_bad_domain, end - start)
+                start = end
+                continue
+            whole = start == 0 and end == count  # one run: the columns as they are
+            run_refs = refs if whole else refs[start:end]
+            entries: list[GrantEntry | None] = list(map(table.entries.get, run_refs))
+            try:
+                refused = list(map(_grantee, entries)).count(me) != end - start or (
+                    not reading and any(map(_readonly, entries))
+                )
+            except AttributeError:  # a None: a ref not granted
+                refused = True
+            if refused:
+                # Some are refused: lookup() says which, and why (its status).
+                entries = []
+                for ref in run_refs:
+                    try:
+                        entries.append(table.lookup(ref, me, write=not reading))
+                        statuses.append(GNTST_okay)
+                    except GrantStatusError as refusal:
+                        entries.append(None)
+                        statuses.append(refusal.status)
+            else:
+                statuses += repeat(GNTST_okay, end - start)
+            if whole:
+                _copy_entries(reading, entries, offsets, view, local, length)
+            else:
+                _copy_entries(reading, entries, offsets[start:end], view, local[start:end], length[start:end])
+            start = end
+        assert len(statuses) == count
+        return statuses
 
     def _check_segment(
         self, i: int, seg: GrantCopySegment, operation: str, views: dict[int, memoryview]
@@ -647,6 +732,75 @@ def _file_at(vaddr: int) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return None
+
+
+_SOURCE_GREF = 1  # GNTCOPY_source_gref
+_DEST_GREF = 2  # GNTCOPY_dest_gref
+_grantee = operator.attrgetter("grantee")
+_readonly = operator.attrgetter("readonly")
+_backing = operator.attrgetter("backing")
+_page = operator.attrgetter("page")
+
+
+def _runs(domids: Sequence[int]) -> list[int]:
+    """The ends of the runs of equal domains in *domids* (not empty)."""
+    count = len(domids)
+    if domids.count(domids[0]) == count:
+        return [count]
+    ends = [i for i in range(1, count) if domids[i] != domids[i - 1]]
+    ends.append(count)
+    return ends
+
+
+def _as_list(values: Sequence[int]) -> list[int]:
+    return values if isinstance(values, list) else list(values)
+
+
+def _copy_entries(
+    reading: bool,
+    entries: list[GrantEntry | None],
+    page_offsets: Sequence[int],
+    view: memoryview,
+    local: Sequence[int],
+    length: Sequence[int],
+) -> None:
+    """Copy between the granted pages of *entries* (None: refused, nothing
+    copied) and *view*: one :class:`_CopyRun` when the whole run is contiguous
+    on both sides (one backing, adjacent pages and offsets), else run by run."""
+    count = len(entries)
+    if entries.count(None) == 0:
+        granted = cast("list[GrantEntry]", entries)
+        backings = list(map(_backing, granted))
+        backing = backings[0]
+        if backings.count(backing) == count:
+            first_page, first_local = granted[0].page, local[0]
+            if page_offsets.count(0) == count and length.count(PAGE_SIZE) == count:
+                # Whole pages (the usual batch): contiguous if the pages and the local offsets follow on.
+                contiguous = list(map(_page, granted)) == list(range(first_page, first_page + count)) and _as_list(
+                    local
+                ) == list(range(first_local, first_local + count * PAGE_SIZE, PAGE_SIZE))
+            else:
+                file_offsets = list(map(operator.add, map(operator.mul, map(_page, granted), repeat(PAGE_SIZE)), page_offsets))
+                contiguous = (
+                    file_offsets[1:] == list(map(operator.add, file_offsets, length))[:-1]
+                    and list(local[1:]) == list(map(operator.add, local, length))[:-1]
+                )
+            if contiguous:
+                _CopyRun(reading, backing, first_page * PAGE_SIZE + page_offsets[0], view, first_local, sum(length)).copy()
+                return
+    run: _CopyRun | None = None
+    for entry, page_offset, local_offset, size in zip(entries, page_offsets, local, length):
+        if entry is None:
+            continue  # refused: a run goes on past it
+        file_offset = entry.offset + page_offset
+        if run is not None and run.continued_by(reading, entry.backing, file_offset, view, local_offset):
+            run.length += size
+            continue
+        if run is not None:
+            run.copy()
+        run = _CopyRun(reading, entry.backing, file_offset, view, local_offset, size)
+    if run is not None:
+        run.copy()
 
 
 @dataclass(slots=True)

@@ -43,10 +43,11 @@ import fcntl
 import itertools
 import logging
 import mmap
+import operator
 import os
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from grant_broker.backend.contract import (
@@ -54,6 +55,7 @@ from grant_broker.backend.contract import (
     CopyForeign,
     CopyLocal,
     GntdevInstance,
+    GrantCopyBatch,
     GrantCopySegment,
     GrantRef,
     GrantRefs,
@@ -794,9 +796,47 @@ def check_copy_segment(op: str, where: str, i: int, length: int, flags: int) -> 
 
 def check_copy_peers(session: Session, op: str, segments: Sequence[GrantCopySegment]) -> None:
     """The domains whose grants *segments* copy from or to are ones the
-    broker's policy lets the session name (:func:`~grant_broker.core.checks.check_peers`)."""
-    domains = (side.domid for segment in segments for side in (segment.source, segment.dest) if isinstance(side, CopyForeign))
+    broker's policy lets the session name (:func:`~grant_broker.core.checks.check_peers`).
+    A :class:`GrantCopyBatch` names each domain once, in the order of first
+    appearance: the same first refusal as segment by segment."""
+    domains: Iterable[int]
+    if isinstance(segments, GrantCopyBatch):
+        domains = segments.foreign_domains()
+    else:
+        domains = (side.domid for segment in segments for side in (segment.source, segment.dest) if isinstance(side, CopyForeign))
     check_peers(session, op, "copy with grants of", domains=domains)
+
+
+def copy_columns_pass(batch: GrantCopyBatch) -> bool:
+    """Whether every segment of *batch* passes :func:`check_copy_segment` and,
+    side by side, :func:`copy_foreign` or :func:`copy_local` (in
+    ``batch.buffer``): the same rules, over whole columns.  Only for a batch
+    whose segments all have the same flags — False for any other, and for any
+    batch a rule refuses: then the per-segment functions, which name the
+    segment and the rule, must be run.  A yes from here is a yes from them."""
+    flags = batch.uniform_flags()
+    if flags is None or flags & ~GNTCOPY_FLAGS or not flags:
+        return False
+    length = batch.length
+    longest = max(length)
+    if longest > U16_MAX:
+        return False
+    buffer_length = len(batch.buffer)
+    for gref, at, offset, domid in (
+        (GNTCOPY_source_gref, batch.source, batch.source_offset, batch.source_domid),
+        (GNTCOPY_dest_gref, batch.dest, batch.dest_offset, batch.dest_domid),
+    ):
+        # A bound holds for all at once when the largest offset and the
+        # longest length fit together; else it is summed segment by segment.
+        if flags & gref:  # copy_foreign
+            farthest = max(offset)
+            if farthest > U16_MAX or max(domid) > DOMID_MAX:
+                return False
+            if farthest + longest > PAGE_SIZE and max(map(operator.add, offset, length)) > PAGE_SIZE:
+                return False
+        elif max(at) + longest > buffer_length and max(map(operator.add, at, length)) > buffer_length:  # copy_local
+            return False
+    return True
 
 
 def copy_foreign(op: str, where: str, i: int, name: str, ref: int, offset: int, domid: int, length: int) -> CopyForeign:
