@@ -428,3 +428,89 @@ async def test_a_call_counted_by_its_transport_is_not_counted_again(core: Core) 
         other = asyncio.ensure_future(routes["/grant_broker.v1.Broker/DescribeSession"].operation(session, None))  # type: ignore[arg-type]
         await refused(other, errno.EDQUOT, "budget max_calls_per_session")
     assert held(session) == {}
+
+
+async def test_calls_started_from_a_callback_are_each_counted(core: Core) -> None:
+    # The fast path serves a call from its channel's reader callback up to its
+    # first wait (transport/eager.py): no task there, each call in a context
+    # of its own.  A call that waits must not make the next one look nested.
+    from grant_broker.transport.eager import start_eagerly
+
+    registry = core.new_registry(limits=Limits(max_calls_per_session=2, fd_frame_wait_seconds=5))
+    routes = {route.full_name: route for route in build_routes(BrokerStatus(registry, core.peer.capabilities),
+                                                                streams_ended=lambda: False)}
+    register_route = routes["/grant_broker.v1.Gntdev/RegisterCopyBuffer"]
+    session = core.registered(registry)
+    loop = asyncio.get_running_loop()
+
+    def from_a_callback(transfer: int) -> "asyncio.Future[Any]":
+        started: asyncio.Future[Any] = loop.create_future()
+
+        def callback() -> None:
+            request = gntdev_pb2.RegisterCopyBufferRequest(fd_transfer=transfer, fd=FD0, length=mmap.PAGESIZE)
+            task = start_eagerly(register_route.operation(session, request))  # type: ignore[arg-type]
+            started.set_result(task)
+
+        loop.call_soon(callback)
+        return started
+
+    waiting = [await from_a_callback(1), await from_a_callback(2)]
+    assert all(task is not None for task in waiting)
+    assert held(session) == {"max_calls_per_uid": 2}
+    reported: list[BaseException] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context["exception"]))
+    try:
+        assert await from_a_callback(3) is None  # refused at once, in its first step
+    finally:
+        loop.set_exception_handler(None)
+    (error,) = reported
+    assert isinstance(error, BrokerError) and error.errno == errno.EDQUOT and "max_calls_per_session" in str(error)
+    for transfer in (1, 2):
+        session.incoming.deliver(transfer, [sparse_memfd(mmap.PAGESIZE)])
+    await asyncio.gather(*waiting)
+    assert held(session) == {"max_fds_held_per_uid": 2, "max_copy_buffer_bytes_per_uid": 2 * mmap.PAGESIZE}
+
+
+async def test_a_place_taken_before_the_request_is_read_is_given_back_once(core: Core) -> None:
+    registry = core.new_registry(limits=Limits(max_calls_per_session=1))
+    routes = {route.full_name: route for route in build_routes(BrokerStatus(registry, core.peer.capabilities),
+                                                                streams_ended=lambda: False)}
+    describe = routes["/grant_broker.v1.Broker/DescribeSession"]
+    session = core.registered(registry)
+
+    async def admitted_and_served() -> None:
+        slot = session.take_call("Broker.DescribeSession")
+        assert held(session) == {"max_calls_per_uid": 1}
+        await describe.operation(session, None)  # type: ignore[arg-type]  # the route's count is this one
+        slot.release()
+        slot.release()
+        assert held(session) == {}
+
+    await asyncio.ensure_future(admitted_and_served())
+    assert held(session) == {} and user_of(registry) == {"max_sessions_per_uid": 1}
+
+    async def admitted_never_served() -> None:
+        session.take_call("Broker.DescribeSession")
+        assert held(session) == {"max_calls_per_uid": 1}
+        # Another call of the session meanwhile is past the budget.
+        other = asyncio.ensure_future(describe.operation(session, None))  # type: ignore[arg-type]
+        await refused(other, errno.EDQUOT, "budget max_calls_per_session")
+
+    await asyncio.ensure_future(admitted_never_served())
+    await asyncio.sleep(0)  # the task's done callbacks run
+    assert held(session) == {} and user_of(registry) == {"max_sessions_per_uid": 1}
+    # Outside a task (a callback) nothing would give a place back: refused.
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[BaseException | None] = loop.create_future()
+
+    def callback() -> None:
+        try:
+            session.take_call("Broker.DescribeSession")
+            outcome.set_result(None)
+        except BrokerError as exc:
+            outcome.set_result(exc)
+
+    loop.call_soon(callback)
+    error = await outcome
+    assert isinstance(error, BrokerError) and error.errno == errno.EIO, error
+    assert held(session) == {}

@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 _State = TypeVar("_State")
 
 # The session whose call the current task is serving, and that task, once
-# counted (Session.call_in_flight).
+# counted (Session.call_in_flight, Session.take_call).  A context variable,
+# not the task alone: a fast-path call's first step runs in a reader
+# callback — no task — in a context of its own (transport/eager.py).
 _COUNTED_CALL: contextvars.ContextVar["tuple[Session, asyncio.Task[Any] | None] | None"] = contextvars.ContextVar(
     "grant_broker_counted_call", default=None
 )
@@ -230,26 +232,80 @@ class Session:
         self.held[budget] -= count
         self.user.credit(budget, count)
 
-    @contextlib.contextmanager
-    def call_in_flight(self, operation: str) -> Iterator[None]:
-        """A call of this session is being served (bounded by the CALLS budget).
+    def call_in_flight(self, operation: str) -> "contextlib.AbstractContextManager[None]":
+        """A call of this session is being served (bounded by the CALLS budget):
+        a context manager, which takes a place on entering and gives it back
+        on leaving.
 
         Counted once per call however many layers say so: a transport may
-        take the place early (the gRPC handler, before it reads the request)
-        and the route table takes it around every operation
-        (:mod:`grant_broker.core.routes`); within the same task, the inner one
-        is the outer one's."""
+        take the place before it reads the request (the gRPC handler:
+        :meth:`take_call`), and the route table takes it around every
+        operation (:mod:`grant_broker.core.routes`); within the same task,
+        the inner one is the outer one's (a task made meanwhile inherits the
+        context, not the task: it is counted on its own).
+
+        Raises (on entering):
+            BrokerError: EDQUOT past the session's or its uid's budget of calls
+                in flight; ECANCELED once the session is released.
+        """
         here = (self, _current_task())
-        if _COUNTED_CALL.get() == here:  # (a task made meanwhile inherits the variable, not the task)
-            yield
+        if _COUNTED_CALL.get() == here:
+            return _COUNTED
+        return _InFlight(self, operation, here)
+
+    def take_call(self, operation: str) -> "CallSlot":
+        """A place among this session's calls in flight for the call the
+        current task serves (a task serving no call of this session yet),
+        taken now; meanwhile :meth:`call_in_flight` in this task is this
+        place.  It is given back by :meth:`CallSlot.release` (in this task),
+        or else when the task ends, whichever comes first: a call that dies
+        before it is served (cancelled while its request is read) does not
+        keep it.
+
+        Raises:
+            BrokerError: as :meth:`call_in_flight` does; EIO outside a task
+                (nothing would give the place back).
+        """
+        task = _current_task()
+        if task is None:
+            raise BrokerError(errno.EIO, operation, "internal error: a call's place is taken in the task that serves it")
+        self._charge_call(operation)
+        slot = CallSlot(self, _COUNTED_CALL.set((self, task)))
+        task.add_done_callback(slot.release)
+        return slot
+
+    # Every call takes a place (CALLS) and gives it back, so these two do what
+    # charge(operation, CALLS) and credit(CALLS) do, in fewer steps: a Budget
+    # hashes in Python, and those general paths hash it a dozen times a call.
+    # Refusals go through charge(), for its messages and audit record.
+
+    def _charge_call(self, operation: str) -> None:
+        if self.closed.is_set():
+            self.check_live(operation)  # raises
+        held = self.held
+        used = held.get(CALLS, 0)
+        user = self.user
+        user_held = user.held
+        user_used = user_held.get(CALLS, 0)
+        if used >= getattr(self.limits, _CALLS_PER_SESSION) or user_used >= getattr(user.limits, _CALLS_PER_UID):
+            self.charge(operation, CALLS)  # refuses (EDQUOT), naming the budget
             return
-        self.charge(operation, CALLS)
-        token = _COUNTED_CALL.set(here)
-        try:
-            yield
-        finally:
-            _COUNTED_CALL.reset(token)
-            self.credit(CALLS)
+        held[CALLS] = used + 1
+        user_held[CALLS] = user_used + 1
+
+    def _credit_call(self) -> None:
+        held = self.held
+        used = held.get(CALLS, 0)
+        if used <= 0:  # released meanwhile: everything was credited then
+            return
+        held[CALLS] = used - 1
+        # UserBudget.credit(CALLS, 1): a count that falls to zero leaves the uid's Counter.
+        user_held = self.user.held
+        left = user_held.get(CALLS, 0) - 1
+        if left > 0:
+            user_held[CALLS] = left
+        else:
+            user_held.pop(CALLS, None)
 
     def _credit_all(self) -> None:
         held, self.held = self.held, Counter()
@@ -290,6 +346,71 @@ class Session:
         # Everything is given back now, whichever paths the resources took.
         self._credit_all()
         log.info("session %d (%r, pid %d) released", self.id, self.client_name, self.creds.pid, extra=self.log_fields)
+
+
+_CALLS_PER_SESSION: str = CALLS.per_session or ""
+_CALLS_PER_UID: str = CALLS.per_uid
+assert _CALLS_PER_SESSION, "the CALLS budget has a per-session limit"
+
+
+class CallSlot:
+    """A place taken among a session's calls in flight (:meth:`Session.take_call`).
+
+    :meth:`release` gives it back, once: later calls do nothing, so that
+    whichever path ends the call first — its handler, or the end of the
+    task that served it when the handler never ran — gives it back.
+    """
+
+    __slots__ = ("_session", "_token")
+
+    def __init__(self, session: Session, token: "contextvars.Token[Any]") -> None:
+        self._session: Session | None = session
+        self._token = token
+
+    def release(self, done: "asyncio.Task[Any] | None" = None) -> None:
+        """Give the place back (once): in the task that took it, or as that
+        task's done callback (*done*: the task; its context is gone with it)."""
+        session = self._session
+        if session is not None:
+            self._session = None
+            session._credit_call()
+            if done is None:
+                _COUNTED_CALL.reset(self._token)
+
+
+class _Counted:
+    """A call already counted by an outer layer of the same task: nothing to do."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+
+_COUNTED = _Counted()
+
+
+class _InFlight:
+    """:meth:`Session.call_in_flight` of the outer layer (a class: it runs on
+    every call, and costs less than a generator-based context manager)."""
+
+    __slots__ = ("_session", "_operation", "_here", "_token")
+
+    def __init__(self, session: Session, operation: str, here: "tuple[Session, asyncio.Task[Any] | None]") -> None:
+        self._session = session
+        self._operation = operation
+        self._here = here
+
+    def __enter__(self) -> None:
+        self._session._charge_call(self._operation)
+        self._token = _COUNTED_CALL.set(self._here)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._session._credit_call()
+        _COUNTED_CALL.reset(self._token)
 
 
 class _PendingDescriptors:
