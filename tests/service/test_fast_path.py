@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import errno
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -21,6 +21,7 @@ import pytest
 import grant_broker_client
 from grant_broker.core.policy import Limits
 from grant_broker.daemon.server import BrokerServer, ServerConfig
+from grant_broker.transport.fastevents import MAX_UNSENT_FRAMES
 from grant_broker_client import BrokerClientError
 from grant_broker_protocol.fdchannel import (
     FAST_PATH_FRAME_BYTES,
@@ -451,3 +452,31 @@ async def test_the_sdk_reads_events_from_a_broker_that_speaks_version_1(
             for subscription in (first, second):
                 event = await asyncio.wait_for(anext(subscription), 5)
                 assert event.port == offered  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("version", [FAST_PATH_VERSION, 1])
+async def test_a_client_that_subscribes_without_reading_ends_its_own_session(broker: InProcessBroker, version: int) -> None:
+    # Each refused Subscribe leaves an answer the broker must keep until the
+    # client reads it; a client that never reads must not grow them without
+    # bound: past MAX_UNSENT_FRAMES its session ends, and nothing is left.
+    channel, _ = await _raw_session(broker.socket_path, version=version, domid=1)
+    refused = FdFrame(call=Call(method=SUBSCRIBE, request=evtchn_pb2.SubscribeRequest(ports=[4242]).SerializeToString()))
+    try:
+        sent = 0
+        with pytest.raises(OSError):  # the broker hangs up: EPIPE / ECONNRESET
+            for call_id in range(1, 4 * MAX_UNSENT_FRAMES):
+                refused.call.call_id = call_id
+                await asyncio.wait_for(channel.send(refused), 5)
+                sent += 1
+        assert sent > MAX_UNSENT_FRAMES  # it kept reading and answering up to the bound
+    finally:
+        channel.close()
+    await _until(lambda: len(broker.registry.sessions) == 0)
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail("the condition did not come true")

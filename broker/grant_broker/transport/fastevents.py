@@ -52,6 +52,12 @@ microseconds, so a turn of one session stays well under a millisecond (a gRPC
 stream message costs ~0.1 ms, hence its pacer's one event a turn); a fan-out
 to 1000 subscriptions of a session takes four turns."""
 
+MAX_UNSENT_FRAMES: Final = 1024
+"""Answers and stream ends a session may leave unread (its socket full)
+before it may open or be refused another subscription: a client that keeps
+subscribing and never reads would otherwise grow them without bound.  One
+that reads never comes near it (each of its subscriptions leaves two at most)."""
+
 _SUBSCRIBED: Final = evtchn_pb2.Event(subscribed=True).SerializeToString()
 
 
@@ -82,6 +88,11 @@ class FastEvents:
 
     def __contains__(self, call_id: int) -> bool:
         return call_id in self._live
+
+    @property
+    def unsent(self) -> int:
+        """Answers and stream ends waiting for the client to read."""
+        return len(self._outbox)
 
     def subscribe(self, call_id: int, opener: SubscriptionOpener, request: Message, recorder: CallRecorder) -> None:
         """Open a subscription for the Subscribe call *call_id* and answer it

@@ -40,7 +40,7 @@ from grant_broker.core.reply import Reply
 from grant_broker.core.routes import Route, StreamOperation, UnaryOperation
 from grant_broker.core.session import Session
 from grant_broker.transport.eager import start_eagerly
-from grant_broker.transport.fastevents import FastEvents
+from grant_broker.transport.fastevents import MAX_UNSENT_FRAMES, FastEvents
 from grant_broker_protocol.errors import BrokerError, error_detail
 from grant_broker_protocol.fdchannel import FAST_PATH_EVENTS_FRAME, FAST_PATH_VERSION, MAX_FDS_PER_FRAME, ProtocolError
 from grant_broker_protocol.methods import FD_TRANSFER_FIELD
@@ -113,6 +113,12 @@ class FastPath:
         # subscription budget: it takes no call slot, or a session's long-lived
         # streams would leave its calls (and its Cancel frames) unserved.
         if route is not None and route.streaming:
+            # Live streams are bounded by the subscription budget; refused ones
+            # wait (as tasks) until the client reads their answer: a client
+            # that keeps subscribing without reading must not grow them unbounded.
+            streams = len(self._calls) - self._unary_in_flight  # the tasks of streams, live or answering a refusal
+            if streams >= self._session.limits.max_subscriptions_per_session + MAX_UNSENT_FRAMES:
+                raise ProtocolError(f"{streams} streams in flight: the client subscribes without reading its channel")
             self._streams.add(call_id)  # from now on, so that a Cancel right behind it finds it
             self._launch(call, counted=False)
         elif self._unary_in_flight >= self._max_in_flight:
@@ -149,6 +155,10 @@ class FastPath:
         """A Subscribe call, served by the session's FastEvents: opened and
         answered now, from the reader callback."""
         assert self._events is not None and route.subscription is not None
+        if self._events.unsent >= MAX_UNSENT_FRAMES:
+            raise ProtocolError(
+                f"{self._events.unsent} answers to subscriptions are unread: the client subscribes without reading its channel"
+            )
         recorder = self._recorders.get(route.full_name, self._unknown)
         started = perf_counter()
         try:
