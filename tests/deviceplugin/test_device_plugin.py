@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -193,3 +194,25 @@ def test_bad_settings_are_refused_as_bad_input(kubelet_dir: Path) -> None:
     )
     assert result.returncode == EXIT_USAGE
     assert "slots must be at least 1" in result.stderr
+
+
+async def test_a_socket_left_by_a_dead_plugin_is_replaced(kubelet: FakeKubelet, plugins: Plugins, kubelet_dir: Path) -> None:
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(kubelet_dir / "grant-broker.sock"))
+    stale.close()  # the file stays, nobody accepts on it
+    plugin = await plugins.start()
+    registration = await kubelet.next_registration()
+    assert registration.endpoint == "grant-broker.sock" and plugin.running
+
+
+async def test_a_second_plugin_does_not_take_over_a_live_endpoint(
+    kubelet: FakeKubelet, plugins: Plugins, kubelet_dir: Path
+) -> None:
+    first = await plugins.start()
+    await kubelet.next_registration()
+    endpoint = kubelet_dir / "grant-broker.sock"
+    identity = endpoint.stat().st_ino
+    second = await plugins.start()
+    assert await second.exited() != 0
+    assert "another device plugin is serving" in await second.output()
+    assert first.running and endpoint.stat().st_ino == identity  # the first one's socket, untouched

@@ -28,13 +28,14 @@ import logging
 import os
 import re
 import signal
-import stat
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
+from grant_broker.daemon.unix_paths import claim_unix_path
 from grant_broker.deviceplugin.health import BrokerHealth
 from grant_broker.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from grant_broker_protocol.endpoints import SOCKET_ENVIRONMENT
@@ -240,7 +241,9 @@ class DevicePlugin:
     async def _serving(self) -> AsyncIterator[_Identity]:
         """The DevicePlugin service on our socket in kubelet's directory; yields the socket's identity."""
         path = self.config.endpoint_path
-        self._remove_stale(path)
+        # A socket left by a plugin that died is removed; a live one — another
+        # plugin serving this endpoint — is not taken over.
+        await asyncio.to_thread(claim_unix_path, path, socket.SOCK_STREAM, _OPERATION, "another device plugin")
         server = grpc.aio.server()
         api_pb2_grpc.add_DevicePluginServicer_to_server(self.service, server)
         try:
@@ -259,17 +262,6 @@ class DevicePlugin:
             if _identity(path) == own:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-
-    @staticmethod
-    def _remove_stale(path: str) -> None:
-        try:
-            mode = os.lstat(path).st_mode
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(mode):
-            raise BrokerError(errno.EEXIST, _OPERATION, f"{path} exists and is not a socket; not touching it")
-        log.info("removing the stale socket %s", path)
-        os.unlink(path)
 
     async def _register(self, stop: asyncio.Event) -> _Identity | None:
         """Register with kubelet, trying again while it is not there; kubelet.sock's identity then,
