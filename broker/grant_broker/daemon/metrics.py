@@ -51,7 +51,7 @@ from grant_broker import __version__
 from grant_broker.core import census
 from grant_broker.core.policy import Limits
 from grant_broker.core.registry import SessionRegistry
-from grant_broker.daemon.unix_paths import claim_unix_path
+from grant_broker_protocol.unix_paths import claim_unix_path
 from grant_broker_protocol.errors import BrokerError
 from grant_broker_protocol.fds import open_fd_count
 from grant_broker_protocol.status import status_code_for

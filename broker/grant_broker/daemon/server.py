@@ -35,7 +35,7 @@ from grant_broker.core.registry import SessionRegistry
 from grant_broker.core.routes import Route, build_routes
 from grant_broker_protocol.methods import SERVICES
 from grant_broker.daemon.backends import BackendChoice, choose_backend
-from grant_broker.daemon.unix_paths import claim_unix_path
+from grant_broker_protocol.unix_paths import claim_unix_path
 from grant_broker.transport.fdchannel import FdChannelServer
 from grant_broker.transport.grpc.handlers import generic_handlers
 from grant_broker_protocol.endpoints import fd_channel_path

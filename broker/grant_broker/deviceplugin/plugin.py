@@ -35,11 +35,11 @@ from typing import Any
 
 import grpc
 
-from grant_broker.daemon.unix_paths import claim_unix_path
 from grant_broker.deviceplugin.health import BrokerHealth
 from grant_broker.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from grant_broker_protocol.endpoints import SOCKET_ENVIRONMENT
 from grant_broker_protocol.errors import BrokerError
+from grant_broker_protocol.unix_paths import claim_unix_path
 
 log = logging.getLogger(__name__)
 

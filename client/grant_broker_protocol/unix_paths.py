@@ -1,4 +1,6 @@
-"""Taking a Unix socket path over from whoever had it before: the broker's own sockets and the metrics'."""
+"""Taking a Unix socket path over from whoever had it before: the broker's own
+sockets, the metrics', and the device plugin's endpoint (a process of its own
+that imports nothing of the broker, hence here, in the shared package)."""
 
 from __future__ import annotations
 
