@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -74,31 +75,57 @@ async def broker(short_tmp: Path, broker_limits: Limits) -> AsyncIterator[InProc
 class BrokerProcess:
     socket_path: str
     process: subprocess.Popen[str]
+    # The broker's $NOTIFY_SOCKET, held until it is stopped: it says STOPPING=1
+    # there, and would log that nobody listens if it were gone.
+    notify_socket: socket.socket | None = None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        return self.process.wait(timeout)
+        try:
+            if self.process.poll() is None:
+                self.process.send_signal(sig)
+            return self.process.wait(timeout)
+        finally:
+            self.close_notify_socket()
+
+    def close_notify_socket(self) -> None:
+        if self.notify_socket is not None:
+            self.notify_socket.close()
+            self.notify_socket = None
 
 
 def start_broker_process(socket_path: str, *extra: str) -> BrokerProcess:
-    """Start ``grant-broker serve`` and wait until both of its sockets exist."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "grant_broker.cli", "--socket", socket_path, "serve", "--backend", "emulated", "--grace", "1", *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 30
-    while not (os.path.exists(socket_path) and os.path.exists(socket_path + ".fds")):
-        if process.poll() is not None:
-            raise RuntimeError(f"broker exited with {process.returncode}: {process.stdout.read() if process.stdout else ''}")
-        if time.monotonic() > deadline:
-            process.kill()
-            process.wait()
-            raise RuntimeError("broker did not start within 30 s")
-        time.sleep(0.02)
-    return BrokerProcess(socket_path, process)
+    """Start ``grant-broker serve`` and wait until it serves: until it says
+    ``READY=1`` on a notify socket of its own, as it tells systemd (its sockets
+    exist before then, and whatever else it serves — metrics, admin — may not yet)."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        notify.bind(f"\0grant-broker-test-notify-{os.getpid()}-{time.monotonic_ns()}")
+        notify.settimeout(0.05)
+        address = "@" + notify.getsockname()[1:].decode()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "grant_broker.cli", "--socket", socket_path, "serve", "--backend", "emulated", "--grace", "1", *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "NOTIFY_SOCKET": address},
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if "READY=1" in notify.recv(4096).decode().splitlines():
+                    break
+            except TimeoutError:
+                pass
+            if process.poll() is not None:
+                raise RuntimeError(f"broker exited with {process.returncode}: {process.stdout.read() if process.stdout else ''}")
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                raise RuntimeError("broker did not say READY=1 within 30 s")
+    except BaseException:
+        notify.close()
+        raise
+    return BrokerProcess(socket_path, process, notify)
 
 
 @pytest.fixture
@@ -112,3 +139,4 @@ def broker_process(short_tmp: Path) -> Iterator[BrokerProcess]:
         broker.process.wait(10)
         if broker.process.stdout:
             broker.process.stdout.close()
+        broker.close_notify_socket()

@@ -193,6 +193,7 @@ def test_sigterm_shuts_down_gracefully_and_removes_the_sockets(short_tmp: Path) 
             broker.process.wait()
         if broker.process.stdout:
             broker.process.stdout.close()
+        broker.close_notify_socket()
 
 
 async def _until(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
