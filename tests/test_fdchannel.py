@@ -12,6 +12,7 @@ import pytest
 
 from grant_broker_protocol.fdchannel import MAX_FDS_PER_FRAME, ChannelClosed, FdChannel, ProtocolError
 from grant_broker_protocol.v1.fdchannel_pb2 import ClientHello, FdFrame, FdTransfer
+from waiting import eventually
 
 
 @pytest.fixture
@@ -194,8 +195,8 @@ async def test_paused_reading_takes_no_frames_until_resumed(pair: tuple[FdChanne
     hello = FdFrame(client_hello=ClientHello(protocol_version=1)).SerializeToString()
     for _ in range(5):
         peer.send(hello)
+    await eventually(lambda: len(frames) == 2, "the two frames read before the pause")
     await asyncio.sleep(0.05)
-    assert len(frames) == 2
+    assert len(frames) == 2  # and no more while paused
     channel.resume_reading()
-    await asyncio.sleep(0.05)
-    assert len(frames) == 5
+    await eventually(lambda: len(frames) == 5, "the three frames left read after resume_reading")

@@ -21,6 +21,7 @@ from grant_broker_client import BrokerClientError, Session
 from grant_broker_client.evtchn import PortFired
 from grant_broker_client.gntdev import CopySegment, Foreign
 from grant_broker.uapi.grant_table import GNTST_bad_domain
+from waiting import eventually
 
 from .conftest import Daemon, start_daemon, stop_daemon
 
@@ -218,5 +219,6 @@ async def test_a_peer_domain_that_disappears(in_process: tuple[str, BrokerServer
             assert await asyncio.wait_for(anext(events), 5) == PortFired(offered8)
         await their_mapping.aclose()
         await other.aclose()
-    await asyncio.sleep(0.05)
-    assert server.registry is not None and server.registry.sessions == []
+    assert server.registry is not None
+    registry = server.registry
+    await eventually(lambda: registry.sessions == [], "every session ended")

@@ -23,6 +23,8 @@ from grant_broker.core.session import Session as BrokerSession
 from grant_broker_client import Session
 from grant_broker_client.evtchn import EventsLost, PortFired, PortUnbound
 
+from waiting import eventually
+
 from .conftest import InProcessBroker
 from .evtchn_helpers import Pair, connect_pair, expect_error, next_event, nothing_more, two_domains
 
@@ -45,14 +47,6 @@ async def connected_pairs(one: Session, two: Session, count: int) -> list[Pair]:
         seen = {await next_event(drain) for _ in pairs}
     assert seen == {PortFired(p.client_port) for p in pairs}
     return pairs
-
-
-async def eventually(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
-    for _ in range(500):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    pytest.fail(f"never happened: {what}")
 
 
 # --------------------------------------------------------------------------- delivery

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import errno
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -31,6 +31,8 @@ from grant_broker_protocol.fdchannel import (
 from grant_broker_protocol.fds import open_fd_count
 from grant_broker_protocol.v1 import broker_pb2, evtchn_pb2, gntdev_pb2
 from grant_broker_protocol.v1.fdchannel_pb2 import Call, Cancel, ClientHello, FdFrame
+
+from waiting import eventually
 
 from .conftest import InProcessBroker
 
@@ -471,12 +473,4 @@ async def test_a_client_that_subscribes_without_reading_ends_its_own_session(bro
         assert sent > MAX_UNSENT_FRAMES  # it kept reading and answering up to the bound
     finally:
         channel.close()
-    await _until(lambda: len(broker.registry.sessions) == 0)
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail("the condition did not come true")
+    await eventually(lambda: len(broker.registry.sessions) == 0, "the session ended")

@@ -23,6 +23,8 @@ from grant_broker_protocol.v1 import broker_pb2, broker_pb2_grpc
 from grant_broker_protocol.v1.fdchannel_pb2 import ClientHello, FdFrame
 from grant_broker_client import BrokerClientError
 
+from waiting import eventually
+
 from .conftest import InProcessBroker, start_broker_process
 
 
@@ -106,7 +108,7 @@ async def test_token_of_an_ended_session_is_refused(broker: InProcessBroker) -> 
     session = await grant_broker_client.connect(broker.socket_path)
     metadata = session._metadata
     await session.close()
-    await _until(lambda: not broker.registry.sessions)
+    await eventually(lambda: not broker.registry.sessions, "the session ended")
     async with grpc.aio.insecure_channel(f"unix:{broker.socket_path}") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await broker_pb2_grpc.BrokerStub(channel).DescribeSession(broker_pb2.DescribeSessionRequest(), metadata=metadata)
@@ -138,7 +140,7 @@ async def test_garbage_on_one_fd_channel_ends_only_that_session(broker: InProces
         bad = await grant_broker_client.connect(broker.socket_path, domid=2)
         try:
             bad._fd_channel._sock.send(b"\xff\xfe not a frame")
-            await _until(lambda: len(broker.registry.sessions) == 1)
+            await eventually(lambda: len(broker.registry.sessions) == 1, "one session")
             with pytest.raises(BrokerClientError) as raised:
                 await bad.describe()
             assert raised.value.code == grpc.StatusCode.PERMISSION_DENIED
@@ -150,13 +152,13 @@ async def test_garbage_on_one_fd_channel_ends_only_that_session(broker: InProces
 async def test_closing_a_session_releases_it_and_its_descriptors(broker: InProcessBroker) -> None:
     async with await grant_broker_client.connect(broker.socket_path) as warmup:
         await warmup.describe()
-    await _until(lambda: not broker.registry.sessions)
+    await eventually(lambda: not broker.registry.sessions, "the session ended")
     baseline = open_fd_count()
     session = await grant_broker_client.connect(broker.socket_path, domid=5)
     await session.describe()
     assert len(broker.registry.sessions) == 1
     await session.close()
-    await _until(lambda: not broker.registry.sessions)
+    await eventually(lambda: not broker.registry.sessions, "the session ended")
     assert open_fd_count() == baseline
 
 
@@ -194,9 +196,3 @@ def test_sigterm_shuts_down_gracefully_and_removes_the_sockets(short_tmp: Path) 
         if broker.process.stdout:
             broker.process.stdout.close()
         broker.close_notify_socket()
-
-
-async def _until(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
