@@ -90,6 +90,33 @@ async def test_refuses_a_path_that_is_not_a_socket(short_tmp: Path) -> None:
     assert path.read_text() == "precious"
 
 
+def _devnull_fds() -> int:
+    devnull = os.stat(os.devnull)
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            info = os.stat(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the listing's own descriptor, closed meanwhile
+        count += (info.st_dev, info.st_ino) == (devnull.st_dev, devnull.st_ino)
+    return count
+
+
+async def test_a_started_broker_already_holds_its_spare_descriptor(short_tmp: Path) -> None:
+    # The spare (kept to refuse clients precisely when descriptors run out) is
+    # taken before start() returns — before the broker says READY=1 — so that
+    # the descriptors a broker holds are the same from then on until a client
+    # comes: tests and operators take their baseline at READY.
+    before = _devnull_fds()
+    server = BrokerServer(ServerConfig(socket_path=str(short_tmp / "broker.sock"), backend="emulated", grace_seconds=0))
+    await server.start()
+    try:
+        assert _devnull_fds() == before + 1
+    finally:
+        await server.stop()
+    assert _devnull_fds() == before
+
+
 async def test_session_acts_as_the_domain_it_declares(broker: InProcessBroker) -> None:
     async with await grant_broker_client.connect(broker.socket_path, domid=3, client_name="tester") as session:
         info = await session.describe()
