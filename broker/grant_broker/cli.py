@@ -279,6 +279,12 @@ def build_parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
                         help="where client containers see it (default: the same path as on the host)")
     plugin.add_argument("--poll-interval", type=float, default=1.0,
                         help="seconds between looks at kubelet's directory and tries to reach kubelet or the broker (default 1)")
+    plugin.add_argument("--probe-interval", type=float, default=10.0,
+                        help="seconds between health checks of the broker while its health stream is open, which "
+                             "tell a hung (stopped, stuck) broker (default 10)")
+    plugin.add_argument("--probe-timeout", type=float, default=5.0,
+                        help="seconds a health check may go unanswered before the broker counts as hung and the slots "
+                             "unhealthy (default 5)")
 
     share = command("share", "share pages with a domain and print their refs (holds them until Ctrl-C)")
     share.add_argument("--to-domain", type=int, required=True, help="the domain that may map the pages")
@@ -616,6 +622,8 @@ async def cmd_device_plugin(args: argparse.Namespace) -> int:
         host_socket_dir=args.host_socket_dir,
         container_socket_dir=args.container_socket_dir,
         poll_interval=args.poll_interval,
+        probe_interval=args.probe_interval,
+        probe_timeout=args.probe_timeout,
     )
 
     def ready(plugin: Any) -> None:

@@ -85,6 +85,24 @@ async def test_slots_turn_unhealthy_when_the_broker_is_sent_sigterm(
     assert len(update.devices) == 4
 
 
+async def test_slots_turn_unhealthy_while_the_broker_is_stopped_and_healthy_when_it_continues(
+    kubelet: FakeKubelet, plugins: Plugins, brokers: Brokers
+) -> None:
+    # A stopped broker (SIGSTOP) keeps its health stream open and never answers
+    # again: only the plugin's health checks, unanswered, can tell.
+    broker = await brokers.start()
+    await plugins.start("--probe-interval", "0.5", "--probe-timeout", "0.5")
+    await kubelet.health_becomes(HEALTHY)
+    try:
+        broker.process.send_signal(signal.SIGSTOP)
+        update = await asyncio.wait_for(kubelet.health_becomes(UNHEALTHY), 10)
+        assert len(update.devices) == 4
+    finally:
+        broker.process.send_signal(signal.SIGCONT)  # or the teardown's SIGTERM would never be handled
+    update = await asyncio.wait_for(kubelet.health_becomes(HEALTHY), 10)
+    assert len(update.devices) == 4
+
+
 async def test_survives_a_broker_restart(kubelet: FakeKubelet, plugins: Plugins, brokers: Brokers) -> None:
     await brokers.start()
     plugin = await plugins.start()
@@ -194,6 +212,26 @@ def test_bad_settings_are_refused_as_bad_input(kubelet_dir: Path) -> None:
     )
     assert result.returncode == EXIT_USAGE
     assert "slots must be at least 1" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "refusal"),
+    [
+        ("--probe-interval", "0", "the probe interval must be a positive number of seconds"),
+        ("--probe-interval", "nan", "the probe interval must be a positive number of seconds"),
+        ("--probe-timeout", "-1", "the probe timeout must be a positive number of seconds"),
+        ("--probe-timeout", "inf", "the probe timeout must be a positive number of seconds"),
+    ],
+)
+def test_probe_settings_that_are_not_positive_seconds_are_refused_as_bad_input(
+    kubelet_dir: Path, option: str, value: str, refusal: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "grant_broker.cli", "device-plugin", "--kubelet-dir", str(kubelet_dir), option, value],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == EXIT_USAGE
+    assert refusal in result.stderr
 
 
 async def test_a_socket_left_by_a_dead_plugin_is_replaced(kubelet: FakeKubelet, plugins: Plugins, kubelet_dir: Path) -> None:

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import os
 import re
 import signal
@@ -83,6 +84,10 @@ class PluginConfig:
     """Where client containers see that directory (default: the same path as on the host)."""
     poll_interval: float = 1.0
     """How often kubelet's directory is looked at, and how soon a missing broker or kubelet is tried again."""
+    probe_interval: float = 10.0
+    """How often the broker, while its health stream is open, is asked a health check (:mod:`.health`)."""
+    probe_timeout: float = 5.0
+    """How long a health check may go unanswered before the broker counts as hung."""
     register_timeout: float = 10.0
 
     def __post_init__(self) -> None:
@@ -97,6 +102,10 @@ class PluginConfig:
                 self._refuse(f"the {name} {path!r} must be an absolute path")
         if self.poll_interval <= 0:
             self._refuse(f"the poll interval must be positive, not {self.poll_interval}")
+        # Written so that NaN fails too; an infinite wait is no probe at all.
+        for name, seconds in (("probe interval", self.probe_interval), ("probe timeout", self.probe_timeout)):
+            if not (0 < seconds < math.inf):
+                self._refuse(f"the {name} must be a positive number of seconds, not {seconds}")
 
     @staticmethod
     def _refuse(detail: str) -> None:
@@ -212,7 +221,10 @@ class DevicePlugin:
 
     def __init__(self, config: PluginConfig) -> None:
         self.config = config
-        self.health = BrokerHealth(config.broker_socket, retry_interval=config.poll_interval)
+        self.health = BrokerHealth(
+            config.broker_socket, retry_interval=config.poll_interval,
+            probe_interval=config.probe_interval, probe_timeout=config.probe_timeout,
+        )
         self.service = DevicePluginService(config, self.health)
         self.registrations = 0
 
