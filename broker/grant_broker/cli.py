@@ -728,7 +728,7 @@ def _add_admin_commands(command: Callable[..., argparse.ArgumentParser]) -> None
     drain = command("drain", "NOT_SERVING, refuse new sessions, wait for the live ones to end" + needs)
     drain.add_argument("--deadline", type=float, default=60.0, help="seconds to wait for the sessions to end (default 60)")
     drain.add_argument("--release-at-deadline", action="store_true", help="then release the sessions still there")
-    set_limit = command("set-limit", "change limits and budgets of a running broker" + needs)
+    set_limit = command("set-limit", "change limits and budgets of a running broker, until its next reload or restart" + needs)
     set_limit.add_argument("settings", type=_limit_setting, nargs="+", metavar="NAME=VALUE")
 
 

@@ -10,9 +10,11 @@ right and ``viewer`` (a subject common name) only ``view``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import io
 import json
+import logging
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -358,6 +360,22 @@ async def test_set_limits_changes_a_budget_of_live_sessions(
         pass
 
 
+async def test_a_reload_says_which_limits_set_at_run_time_it_replaces(
+    admin_broker: AdminBroker, admin: AdminClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    await admin.set_limits({"max_pool_pages_per_session": 2, "max_sessions": 7})
+    config = admin_broker.server.config
+    reloaded = dataclasses.replace(config, limits=dataclasses.replace(config.limits, max_sessions=7))
+    with caplog.at_level(logging.WARNING, logger="grant_broker.daemon.server"):
+        admin_broker.server.reconfigure(reloaded)  # what a reload (SIGHUP) does: the file's limits
+    assert admin_broker.registry.limits.max_pool_pages_per_session == config.limits.max_pool_pages_per_session
+    replaced = [record.getMessage() for record in caplog.records]
+    assert replaced == [
+        f"reload: max_pool_pages_per_session=2, set at run time (set-limit), is replaced by the configuration's "
+        f"{config.limits.max_pool_pages_per_session}"
+    ]  # max_sessions: the file now says what set-limit said
+
+
 async def test_set_limits_refuses_a_name_that_is_no_limit(admin: AdminClient) -> None:
     with pytest.raises(BrokerClientError) as raised:
         await admin.set_limits({"max_everything": 3})
@@ -447,8 +465,6 @@ async def test_serve_starts_the_admin_listener_from_its_options(short_tmp: Path,
 async def test_an_identity_removed_from_the_policy_at_run_time_is_refused_at_its_next_call(
     admin_broker: AdminBroker, admin: AdminClient
 ) -> None:
-    import dataclasses
-
     await admin.whoami()
     config = admin_broker.server.config
     admin_broker.server.reconfigure(dataclasses.replace(config, policy=Policy()))  # what a reload (SIGHUP) does

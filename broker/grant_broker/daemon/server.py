@@ -177,6 +177,19 @@ def socket_group_id(value: object) -> int:
     return gid
 
 
+def _warn_of_replaced_limits(configured: Limits, in_force: Limits, reloaded: Limits) -> None:
+    """Log each limit changed at run time (the admin API's SetLimits: *in_force*
+    differs from the *configured* one) that a reload replaces with the file's:
+    the operator who set it should not learn of it from a refusal."""
+    for spec in dataclasses.fields(Limits):
+        name = spec.name
+        set_at_run_time = getattr(in_force, name)
+        if set_at_run_time != getattr(configured, name) and set_at_run_time != getattr(reloaded, name):
+            log.warning(
+                "reload: %s=%s, set at run time (set-limit), is replaced by the configuration's %s",
+                name, set_at_run_time, getattr(reloaded, name),
+            )
+
 def _set_socket_access(path: str, mode: int, group: int | None) -> None:
     """Give a socket its group (when one is set) and then its mode: connecting
     takes write permission on the socket, so a client reaches it as its owner
@@ -391,6 +404,7 @@ class BrokerServer:
         assert self.registry is not None and self._status is not None
         old = self.config
         needs_restart = [name for name in RESTART_FIELDS if getattr(new, name) != getattr(old, name)]
+        _warn_of_replaced_limits(old.limits, self.registry.limits, new.limits)
         self.registry.reconfigure(policy=new.policy, limits=new.limits)
         self._status.view = new.status_view
         self.config = dataclasses.replace(new, **{name: getattr(old, name) for name in RESTART_FIELDS})
