@@ -15,9 +15,12 @@ import errno
 import io
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import cast
 from pathlib import Path
 
 import grpc
@@ -34,6 +37,8 @@ from grant_broker_client.admin import AdminClient, connect_admin
 from grant_broker_client.gntdev import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
 from grant_broker_protocol.errors import BrokerError
 from grant_broker_protocol.v1 import gntdev_pb2
+
+from waiting import eventually
 
 from .tls_helpers import Authority, Issued, issue, make_authority
 
@@ -382,6 +387,126 @@ async def test_set_limits_refuses_a_name_that_is_no_limit(admin: AdminClient) ->
     assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+# --------------------------------------------------------------------------- certificates rotated in place
+
+
+@dataclass
+class RotatableBroker:
+    """A broker whose admin certificate, key and client CA are copies of its
+    own, for a test to rewrite as a certificate manager would."""
+
+    server: BrokerServer
+    address: str
+    cert: Path
+    key: Path
+    client_ca: Path
+
+    def rotate(self, cert: str, key: str, client_ca: str) -> None:
+        for path, source in ((self.cert, cert), (self.key, key), (self.client_ca, client_ca)):
+            path.write_bytes(Path(source).read_bytes())
+
+    async def reload(self) -> None:
+        assert self.server.admin_listener is not None
+        await self.server.admin_listener.reload_certificates()
+
+
+@pytest.fixture
+async def rotatable(short_tmp: Path, pki: Pki) -> AsyncIterator[RotatableBroker]:
+    tls = short_tmp / "tls"
+    tls.mkdir()
+    cert, key, client_ca = tls / "server.pem", tls / "server.key", tls / "clients-ca.pem"
+    config = ServerConfig(
+        socket_path=str(short_tmp / "broker.sock"), backend="emulated", grace_seconds=0,
+        policy=Policy(admin_identities=(AdminIdentity.parse("ops.example.org=all"),)),
+        admin_listen="127.0.0.1:0", admin_cert=str(cert), admin_key=str(key), admin_client_ca=str(client_ca),
+    )
+    broker = RotatableBroker(cast(BrokerServer, None), "", cert, key, client_ca)
+    broker.rotate(pki.server.cert, pki.server.key, pki.ca.cert)
+    async with BrokerServer(config) as server:
+        assert server.admin_listener is not None
+        broker.server, broker.address = server, str(server.admin_listener.address)
+        yield broker
+
+
+@dataclass(frozen=True)
+class Rotated:
+    ca: Authority
+    server: Issued
+    ops: Issued
+
+
+@pytest.fixture(scope="module")
+def rotated(tmp_path_factory: pytest.TempPathFactory) -> Rotated:
+    """The next generation: a new CA, the broker's certificate and ops' signed by it."""
+    directory = tmp_path_factory.mktemp("rotated")
+    ca = make_authority(directory, "admin-ca-2")
+    return Rotated(
+        ca=ca,
+        server=issue(ca, directory, "server", "broker", dns=("localhost",), ips=("127.0.0.1",), server=True),
+        ops=issue(ca, directory, "ops", "ops-admin", dns=("ops.example.org",)),
+    )
+
+
+async def _whoami(address: str, who: Issued, ca: Authority) -> str:
+    async with await connect_admin(address, cert=who.cert, key=who.key, ca=ca.cert) as client:
+        return (await client.whoami()).identity
+
+
+async def test_a_reload_takes_rotated_admin_certificates_for_new_connections(
+    rotatable: RotatableBroker, pki: Pki, rotated: Rotated
+) -> None:
+    async with await connect_admin(rotatable.address, cert=pki.ops.cert, key=pki.ops.key, ca=pki.ca.cert) as before:
+        assert (await before.whoami()).identity == "ops.example.org"
+        rotatable.rotate(rotated.server.cert, rotated.server.key, rotated.ca.cert)
+        await rotatable.reload()
+        assert await _whoami(rotatable.address, rotated.ops, rotated.ca) == "ops.example.org"
+        with pytest.raises(BrokerClientError) as raised:  # the old CA's clients: past
+            await _whoami(rotatable.address, pki.ops, pki.ca)
+        assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+        # A connection made before the rotation keeps what it was made with.
+        assert (await before.whoami()).identity == "ops.example.org"
+
+
+async def test_rotated_files_are_only_read_at_a_reload(rotatable: RotatableBroker, pki: Pki, rotated: Rotated) -> None:
+    rotatable.rotate(rotated.server.cert, rotated.server.key, rotated.ca.cert)
+    assert await _whoami(rotatable.address, pki.ops, pki.ca) == "ops.example.org"
+
+
+async def test_a_reload_with_a_key_that_is_not_the_certificates_keeps_the_running_ones(
+    rotatable: RotatableBroker, pki: Pki, rotated: Rotated
+) -> None:
+    rotatable.rotate(pki.server.cert, rotated.server.key, pki.ca.cert)  # a rotation half-way: the new key only
+    with pytest.raises(BrokerError) as raised:
+        await rotatable.reload()
+    assert raised.value.errno == errno.EINVAL
+    assert str(rotatable.key) in str(raised.value) and "not a PEM certificate and its key" in str(raised.value)
+    assert await _whoami(rotatable.address, pki.ops, pki.ca) == "ops.example.org"
+
+
+async def test_a_reload_with_a_client_ca_that_is_not_pem_keeps_the_running_certificates(
+    rotatable: RotatableBroker, pki: Pki
+) -> None:
+    rotatable.client_ca.write_text("not a certificate\n")
+    with pytest.raises(BrokerError) as raised:
+        await rotatable.reload()
+    assert raised.value.errno == errno.EINVAL and str(rotatable.client_ca) in str(raised.value)
+    assert await _whoami(rotatable.address, pki.ops, pki.ca) == "ops.example.org"
+
+
+async def test_the_admin_listener_does_not_start_with_a_key_that_is_not_its_certificates(
+    short_tmp: Path, pki: Pki, rotated: Rotated
+) -> None:
+    config = ServerConfig(
+        socket_path=str(short_tmp / "broker.sock"), backend="emulated", grace_seconds=0,
+        admin_listen="127.0.0.1:0", admin_cert=pki.server.cert, admin_key=rotated.server.key, admin_client_ca=pki.ca.cert,
+    )
+    with pytest.raises(BrokerError) as raised:
+        async with BrokerServer(config):
+            pass
+    assert raised.value.errno == errno.EINVAL and "not a PEM certificate and its key" in str(raised.value)
+    assert not os.path.exists(config.socket_path)
+
+
 # --------------------------------------------------------------------------- configuration and the CLI
 
 
@@ -456,6 +581,41 @@ async def test_serve_starts_the_admin_listener_from_its_options(short_tmp: Path,
         async with await connect_admin(address, cert=pki.viewer.cert, key=pki.viewer.key, ca=pki.ca.cert) as viewer:
             me = await viewer.whoami()
         assert (me.identity, list(me.rights)) == ("viewer", ["view"])
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await asyncio.wait_for(process.wait(), 30)
+
+
+async def test_sighup_rotates_the_admin_certificates_of_a_serving_broker(short_tmp: Path, pki: Pki, rotated: Rotated) -> None:
+    tls = short_tmp / "tls"
+    tls.mkdir()
+    files = RotatableBroker(cast(BrokerServer, None), "", tls / "server.pem", tls / "server.key", tls / "clients-ca.pem")
+    files.rotate(pki.server.cert, pki.server.key, pki.ca.cert)
+    config = short_tmp / "broker.toml"
+    config.write_text(f'socket = "{short_tmp / "broker.sock"}"\nbackend = "emulated"\ngrace_seconds = 0\n')
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "grant_broker.cli", "serve", "--json", "--config", str(config),
+        "--admin-listen", "127.0.0.1:0", "--admin-cert", str(files.cert), "--admin-key", str(files.key),
+        "--admin-client-ca", str(files.client_ca), "--admin-identity", "ops.example.org=all",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert process.stdout is not None
+        address = json.loads(await asyncio.wait_for(process.stdout.readline(), 30))["admin"]
+        assert await _whoami(address, pki.ops, pki.ca) == "ops.example.org"
+        files.rotate(rotated.server.cert, rotated.server.key, rotated.ca.cert)
+        process.send_signal(signal.SIGHUP)
+
+        async def rotated_in() -> bool:
+            try:
+                return await _whoami(address, rotated.ops, rotated.ca) == "ops.example.org"
+            except BrokerClientError:
+                return False
+
+        await eventually(rotated_in, "the new CA's administrator served after SIGHUP")
+        with pytest.raises(BrokerClientError):
+            await _whoami(address, pki.ops, pki.ca)
     finally:
         if process.returncode is None:
             process.terminate()

@@ -17,7 +17,11 @@ import asyncio
 import errno
 import ipaddress
 import logging
-from dataclasses import dataclass
+import os
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
@@ -76,13 +80,24 @@ class AdminAddress:
 @dataclass(frozen=True, slots=True)
 class AdminTls:
     """The PEM files of the listener: its certificate (chain), its key, and
-    the CA bundle its clients' certificates must chain to."""
+    the CA bundle its clients' certificates must chain to.
+
+    They are read at start and again at each :meth:`reload` (the broker's
+    SIGHUP), so that certificates rotated in place (cert-manager, an ACME
+    client) are taken without a restart: a reload hands gRPC the new ones,
+    which it uses from the next TLS handshake on — connections already open
+    keep the certificates they were made with.  Files that do not make a
+    working set (unreadable, not PEM, a key that is not the certificate's)
+    are refused whole, and the running certificates stay."""
 
     cert: str
     key: str
     client_ca: str
+    # What the next handshake takes (see _fetch): set by reload, taken once by gRPC.
+    _rotated: list[grpc.ServerCertificateConfiguration] = field(default_factory=list, compare=False, repr=False)
 
-    def _read(self) -> tuple[bytes, bytes, bytes]:
+    def _read(self) -> grpc.ServerCertificateConfiguration:
+        """The files read once each, checked as a set, as gRPC's configuration (blocking: off the loop)."""
         contents = []
         for option, path in (("--admin-cert", self.cert), ("--admin-key", self.key), ("--admin-client-ca", self.client_ca)):
             try:
@@ -91,12 +106,66 @@ class AdminTls:
             except OSError as exc:
                 raise BrokerError(exc.errno or errno.EIO, OPERATION, f"cannot read {option} {path}: {exc.strerror}") from None
         cert, key, ca = contents
-        return cert, key, ca
+        self._check(cert, key, ca)
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def _check(self, cert: bytes, key: bytes, ca: bytes) -> None:
+        """Refuse what gRPC would only fail on at the first handshake: a
+        certificate or key that is not PEM, a key that is not the
+        certificate's, a CA bundle without a certificate."""
+        # Checked from the bytes read (not the paths again: a rotation may be
+        # half-way), which OpenSSL takes only as files here: memfds.
+        fds = []
+        try:
+            for data in (cert, key):
+                fd = os.memfd_create("grant-broker-admin-tls", os.MFD_CLOEXEC)
+                fds.append(fd)
+                os.write(fd, data)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            try:
+                context.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+            except ssl.SSLError as exc:
+                raise BrokerError(
+                    errno.EINVAL, OPERATION,
+                    f"--admin-cert {self.cert} and --admin-key {self.key} are not a PEM certificate and its key: {exc.reason or exc}",
+                ) from None
+            try:
+                context.load_verify_locations(cadata=ca.decode("ascii", errors="replace"))
+            except (ssl.SSLError, ValueError) as exc:
+                raise BrokerError(
+                    errno.EINVAL, OPERATION, f"--admin-client-ca {self.client_ca} holds no PEM CA certificate: {exc}"
+                ) from None
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        # Called by gRPC before each handshake, on a thread of its own: it
+        # takes the reloaded set once (None: keep the current one).
+        try:
+            return self._rotated.pop()
+        except IndexError:
+            return None
 
     async def credentials(self) -> grpc.ServerCredentials:
-        """Server credentials requiring a client certificate signed by the CA (files read off the event loop)."""
-        cert, key, ca = await asyncio.to_thread(self._read)
-        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+        """Server credentials requiring a client certificate signed by the CA (files read off the event loop).
+
+        Raises:
+            BrokerError: a file that cannot be read, or files that are not a working set.
+        """
+        initial = await asyncio.to_thread(self._read)
+        # The fetcher may answer None ("no change", grpc's documentation); its type stubs say otherwise.
+        fetch = cast(Callable[[], grpc.ServerCertificateConfiguration], self._fetch)
+        return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=True)
+
+    async def reload(self) -> None:
+        """Read the files again; the next handshakes use them.
+
+        Raises:
+            BrokerError: as :meth:`credentials`; the running certificates stay.
+        """
+        configuration = await asyncio.to_thread(self._read)
+        self._rotated[:] = [configuration]
 
 
 class AdminListener:
@@ -131,6 +200,18 @@ class AdminListener:
         self._server = server
         self.address = AdminAddress(self._requested.host, port)
         log.info("admin listener on %s (TLS, client certificates required)", self.address)
+
+    async def reload_certificates(self) -> None:
+        """Read the certificate, key and client CA files again (SIGHUP): the
+        next connections are made with them, the open ones keep theirs.
+
+        Raises:
+            BrokerError: files that cannot be read or are not a working set;
+                the running certificates stay.
+        """
+        await self._tls.reload()
+        log.info("admin listener: certificates read again from %s, %s and %s; new connections use them",
+                 self._tls.cert, self._tls.key, self._tls.client_ca)
 
     async def close(self, grace: float = 0) -> None:
         if self._server is not None:

@@ -153,6 +153,11 @@ async def apply_reload(server: BrokerServer, running: Configuration, reload: Rel
             return running
     logging.getLogger().setLevel(new.log_level.upper())
     needs_restart = server.reconfigure(new.server)
+    if server.admin_listener is not None:
+        try:
+            await server.admin_listener.reload_certificates()
+        except BrokerError as exc:
+            log.error("reload: the admin listener keeps its running certificates: %s", exc)
     for name in needs_restart:
         log.warning("reload: %s changed; it takes effect when the broker restarts", name)
     if new.log_format != running.log_format:
