@@ -507,6 +507,25 @@ async def test_the_admin_listener_does_not_start_with_a_key_that_is_not_its_cert
     assert not os.path.exists(config.socket_path)
 
 
+async def test_the_admin_listener_does_not_start_with_an_encrypted_key(short_tmp: Path, pki: Pki) -> None:
+    # Refused, not prompted for: OpenSSL would ask for its password on the broker's terminal.
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(Path(pki.server.key).read_bytes(), None)
+    encrypted = short_tmp / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"secret")
+    ))
+    config = ServerConfig(
+        socket_path=str(short_tmp / "broker.sock"), backend="emulated", grace_seconds=0,
+        admin_listen="127.0.0.1:0", admin_cert=pki.server.cert, admin_key=str(encrypted), admin_client_ca=pki.ca.cert,
+    )
+    with pytest.raises(BrokerError) as raised:
+        async with BrokerServer(config):
+            pass
+    assert raised.value.errno == errno.EINVAL and "(unencrypted)" in str(raised.value)
+
+
 # --------------------------------------------------------------------------- configuration and the CLI
 
 

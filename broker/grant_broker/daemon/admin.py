@@ -115,19 +115,25 @@ class AdminTls:
         certificate's, a CA bundle without a certificate."""
         # Checked from the bytes read (not the paths again: a rotation may be
         # half-way), which OpenSSL takes only as files here: memfds.
-        fds = []
+        fds: list[int] = []
         try:
-            for data in (cert, key):
-                fd = os.memfd_create("grant-broker-admin-tls", os.MFD_CLOEXEC)
-                fds.append(fd)
-                os.write(fd, data)
+            try:
+                for data in (cert, key):
+                    fds.append(os.memfd_create("grant-broker-admin-tls", os.MFD_CLOEXEC))
+                    os.write(fds[-1], data)
+            except OSError as exc:
+                raise BrokerError(exc.errno or errno.EIO, OPERATION, f"cannot check the certificate files now: {exc.strerror}") from None
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             try:
-                context.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+                # An empty password: an encrypted key is refused (gRPC takes
+                # none), where no password at all would have OpenSSL prompt on
+                # the broker's terminal.
+                context.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}", password=b"")
             except ssl.SSLError as exc:
                 raise BrokerError(
                     errno.EINVAL, OPERATION,
-                    f"--admin-cert {self.cert} and --admin-key {self.key} are not a PEM certificate and its key: {exc.reason or exc}",
+                    f"--admin-cert {self.cert} and --admin-key {self.key} are not a PEM certificate and its key "
+                    f"(unencrypted): {exc.reason or exc}",
                 ) from None
             try:
                 context.load_verify_locations(cadata=ca.decode("ascii", errors="replace"))
