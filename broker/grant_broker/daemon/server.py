@@ -190,6 +190,7 @@ def _warn_of_replaced_limits(configured: Limits, in_force: Limits, reloaded: Lim
                 name, set_at_run_time, getattr(reloaded, name),
             )
 
+
 def _set_socket_access(path: str, mode: int, group: int | None) -> None:
     """Give a socket its group (when one is set) and then its mode: connecting
     takes write permission on the socket, so a client reaches it as its owner
