@@ -378,19 +378,8 @@ class CallSlot:
                 _COUNTED_CALL.reset(self._token)
 
 
-class _Counted:
-    """A call already counted by an outer layer of the same task: nothing to do."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        pass
-
-    def __exit__(self, *exc_info: object) -> None:
-        pass
-
-
-_COUNTED = _Counted()
+# A call already counted by an outer layer of the same task: nothing to do.
+_COUNTED: "contextlib.AbstractContextManager[None]" = contextlib.nullcontext()
 
 
 class _InFlight:

@@ -632,9 +632,7 @@ def _export_grants(export: _Export) -> tuple[GrantRef, ...]:
 def _grant_refs(op: str, refs: Sequence[common_pb2.GrantRef]) -> GrantRefs:
     """The grants of a MapGrantRefRequest (a message per grant), packed."""
     domids = [ref.domid for ref in refs]
-    if domids and max(domids) > DOMID_MAX:
-        i = next(i for i, domid in enumerate(domids) if domid > DOMID_MAX)
-        check_domid(op, domids[i], f"refs[{i}].domid")
+    _check_domids(op, domids, "refs[{}].domid")
     return GrantRefs(domids, [ref.ref for ref in refs])
 
 
@@ -648,10 +646,16 @@ def _packed_grant_refs(op: str, domids: Sequence[int], refs: Sequence[int]) -> G
     if len(domids) != len(refs):
         raise invalid(op, f"{len(domids)} domids for {len(refs)} refs: give one per ref, or one for all of them")
     domids = domids[:]
-    if max(domids) > DOMID_MAX:
-        i = next(i for i, domid in enumerate(domids) if domid > DOMID_MAX)
-        check_domid(op, domids[i], f"domids[{i}]")
+    _check_domids(op, domids, "domids[{}]")
     return GrantRefs(domids, refs[:])
+
+
+def _check_domids(op: str, domids: Sequence[int], field: str) -> None:
+    """Every one of *domids* a ``domid_t``: checked at once, the first that is
+    not named (*field* formatted with its index) as :func:`check_domid` names it."""
+    if domids and max(domids) > DOMID_MAX:
+        i = next(i for i, domid in enumerate(domids) if domid > DOMID_MAX)
+        check_domid(op, domids[i], field.format(i))
 
 
 def _check_max_grants(op: str, state: GntdevState, adding: int) -> None:
