@@ -42,6 +42,7 @@ from grant_broker.transport.grpc import handlers
 from grant_broker_protocol.endpoints import SESSION_METADATA_KEY
 from grant_broker_protocol.v1 import broker_pb2, common_pb2, gntdev_pb2
 from grant_broker_protocol.v1.common_pb2 import ErrorDetail
+from waiting import eventually
 
 DESCRIBE = "/grant_broker.v1.Broker/DescribeSession"
 GRANT_COPY = "/grant_broker.v1.Gntdev/GrantCopy"
@@ -145,13 +146,6 @@ class HeadersOnly:
         self.call = channel.stream_unary(method)(requests(), metadata=metadata, timeout=30)
 
 
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
 async def test_a_large_call_without_a_valid_token_is_refused_unread(broker: BrokerServer, decoded: Counter[str]) -> None:
     body = unknown_field(15 * 1024 * 1024)
     options = [("grpc.max_send_message_length", -1)]
@@ -183,7 +177,7 @@ async def test_a_call_takes_its_place_before_its_request_is_read_and_gives_it_ba
             grpc.aio.insecure_channel(f"unix:{socket_of(broker)}") as channel:
         metadata = ((SESSION_METADATA_KEY, session._token),)
         waiting = [HeadersOnly(channel, DESCRIBE, metadata) for _ in range(2)]
-        await until(lambda: calls_held(broker.registry) == (2, 2), "two calls admitted")
+        await eventually(lambda: calls_held(broker.registry) == (2, 2), "two calls admitted")
         assert decoded[DESCRIBE] == 0  # admitted, their requests not read (not sent, even)
         # A third call is past the budget: refused before its 4 MiB are read.
         with pytest.raises(grpc.aio.AioRpcError) as raised:
@@ -195,7 +189,7 @@ async def test_a_call_takes_its_place_before_its_request_is_read_and_gives_it_ba
         # The waiting calls die before their handlers ever run: their places come back.
         for call in waiting:
             call.call.cancel()
-        await until(lambda: calls_held(broker.registry) == (0, 0), "the cancelled calls' places given back")
+        await eventually(lambda: calls_held(broker.registry) == (0, 0), "the cancelled calls' places given back")
         assert decoded[DESCRIBE] == 0
         # And the session goes on, with its whole budget.
         answered = await asyncio.gather(*(session.describe() for _ in range(2)))
@@ -208,11 +202,11 @@ async def test_a_waiting_call_is_served_once_its_request_comes(broker: BrokerSer
             grpc.aio.insecure_channel(f"unix:{socket_of(broker)}") as channel:
         metadata = ((SESSION_METADATA_KEY, session._token),)
         call = HeadersOnly(channel, DESCRIBE, metadata)
-        await until(lambda: calls_held(broker.registry) == (1, 1), "the call admitted")
+        await eventually(lambda: calls_held(broker.registry) == (1, 1), "the call admitted")
         call.release.set()
         reply = broker_pb2.SessionInfo.FromString(await call.call)
         assert reply.session_id == session.session_id
-        await until(lambda: calls_held(broker.registry) == (0, 0), "its place given back")
+        await eventually(lambda: calls_held(broker.registry) == (0, 0), "its place given back")
 
 
 async def test_the_decoders_refusals_keep_their_errno(broker: BrokerServer) -> None:
@@ -251,9 +245,9 @@ async def test_calls_that_fail_or_wait_for_descriptors_give_their_place_back(bro
         register = channel.unary_unary(REGISTER, request_serializer=gntdev_pb2.RegisterCopyBufferRequest.SerializeToString)
         parked = register(gntdev_pb2.RegisterCopyBufferRequest(fd_transfer=900, fd=common_pb2.FdRef(index=0), length=4096),
                           metadata=metadata, timeout=30)
-        await until(lambda: calls_held(broker.registry) == (1, 1), "the parked call admitted")
+        await eventually(lambda: calls_held(broker.registry) == (1, 1), "the parked call admitted")
         parked.cancel()
-        await until(lambda: calls_held(broker.registry) == (0, 0), "the parked call's place given back")
+        await eventually(lambda: calls_held(broker.registry) == (0, 0), "the parked call's place given back")
 
 
 async def test_admission_outside_the_calls_task_fails_closed(broker: BrokerServer) -> None:
@@ -280,4 +274,4 @@ async def test_admission_outside_the_calls_task_fails_closed(broker: BrokerServe
 
         handler = await asyncio.ensure_future(in_a_task())
         assert not handler.request_streaming and not handler.response_streaming
-        await until(lambda: calls_held(broker.registry) == (0, 0), "the place given back at the task's end")
+        await eventually(lambda: calls_held(broker.registry) == (0, 0), "the place given back at the task's end")
